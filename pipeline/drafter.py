@@ -1,0 +1,109 @@
+"""The ReDrafter recurrent drafter (spec section 1). Imports only torch.
+
+    s_0 = 0
+    s_t = SiLU(rnn_w(E[x_{t-1}]) + rnn_u(s_{t-1}))       x_0 = g0
+    z_t = [h ; s_t]  -> input_proj (only when exit_dim != 2H) -> N residual SiLU blocks
+    logits_t = lm_head_out(z_t)
+
+Module names are chosen so that `state_dict()` keys ARE the reference export names:
+`lm_head.{i}.linear.{weight,bias}`, `lm_head.{N}.weight`, `rnn_w.weight`, `rnn_u.{weight,bias}`,
+`input_proj.{weight,bias}`. The base model's embedding table is a non-persistent buffer: used,
+frozen, never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DrafterArch:
+    """What defines a drafter's tensors (mirrors the export's config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    exit_dim: int  # width of the residual blocks; 2 * hidden_size in the reference recipe
+    num_draft_layers: int = 2
+    rnn: bool = True
+    horizon: int = 5  # trained beam length, INCLUDING g0 (reference `beam_length` convention)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        # Identity at init (as the reference does): the drafter starts as a linear read-out.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class Drafter(nn.Module):
+    def __init__(self, arch: DrafterArch, embed_weight_VH: torch.Tensor):
+        super().__init__()
+        H, D, V = arch.hidden_size, arch.exit_dim, arch.vocab_size
+        if tuple(embed_weight_VH.shape) != (V, H):
+            raise ValueError(
+                f"base embedding table has shape {tuple(embed_weight_VH.shape)}, drafter expects "
+                f"(vocab_size={V}, hidden_size={H}): drafter and base model do not match"
+            )
+        self.arch = arch
+        self.register_buffer("embed_VH", embed_weight_VH.detach().clone(), persistent=False)
+        if arch.rnn:
+            self.rnn_w = nn.Linear(H, H, bias=False)
+            self.rnn_u = nn.Linear(H, H, bias=True)
+        if D != 2 * H:
+            self.input_proj = nn.Linear(2 * H, D)
+        blocks: list[nn.Module] = [ResBlock(D) for _ in range(arch.num_draft_layers)]
+        blocks.append(nn.Linear(D, V, bias=False))
+        self.lm_head = nn.Sequential(*blocks)
+
+    def init_state(self, like_h: torch.Tensor, *batch_dims: int) -> torch.Tensor:
+        """s_0 = 0, shaped (*batch_dims, H)."""
+        return like_h.new_zeros(*batch_dims, self.arch.hidden_size)
+
+    def next_state(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """s_t from s_{t-1} and x_{t-1} (any leading shape)."""
+        emb = self.embed_VH[token_ids].to(state.dtype)
+        if self.arch.rnn:
+            return F.silu(self.rnn_w(emb) + self.rnn_u(state))
+        return state + emb  # rnn: false -> running sum of embeddings
+
+    def logits(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """logits from context h and state s (same leading shape; h broadcast by the caller)."""
+        z = torch.cat([h.to(state.dtype), state], dim=-1)  # context first
+        if hasattr(self, "input_proj"):
+            z = self.input_proj(z)
+        return self.lm_head(z)
+
+    def forward(self, h_NH: torch.Tensor, tokens_NK: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced drafting. tokens_NK[:, 0] is g0 and tokens_NK[:, i] the true token after it.
+
+        Returns logits_NKV: row i is the drafter's prediction of the token that follows
+        tokens_NK[:, i] (i.e. draft position i + 1)."""
+        state = self.init_state(h_NH, h_NH.shape[0]).to(self.lm_head[-1].weight.dtype)
+        out = []
+        for i in range(tokens_NK.shape[1]):
+            state = self.next_state(state, tokens_NK[:, i])
+            out.append(self.logits(h_NH, state))
+        return torch.stack(out, dim=1)
+
+
+def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 0) -> Drafter:
+    torch.manual_seed(seed)
+    return Drafter(arch, embed_weight_VH)
+
+
+def make_arch(vocab_size: int, hidden_size: int, exit_dim: int = 0, num_draft_layers: int = 2,
+              rnn: bool = True, horizon: int = 5) -> DrafterArch:
+    """exit_dim 0 means the reference default, 2 * hidden_size."""
+    return DrafterArch(vocab_size, hidden_size, exit_dim or 2 * hidden_size, num_draft_layers, rnn, horizon)

@@ -1,0 +1,356 @@
+"""Teacher stage: regenerate responses with the frozen base model and record its hidden states and
+next-token distributions as parquet shards (layout: pipeline/shards.py; spec section 4).
+
+    import ray; ray.init()   # the pipeline driver does this
+    manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run_dir / "teacher", seed=cfg.run.seed)
+
+Layout of `out_dir` (it must be storage the Ray workers share: they write the shards):
+    fingerprint.json   what the data is made from; a rerun with other inputs is refused
+    progress.jsonl     journal, one line per finished shard {name, sha256, rows, tokens}
+    shards/shard-00000.parquet ...   shard i = training prompts [i*S, (i+1)*S)
+    manifest.json      written last; its presence means the stage is done
+A rerun skips every journaled shard whose file still matches its checksum and regenerates the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
+from pipeline.config import DataConfig, ModelConfig, TeacherConfig
+from pipeline.lineage import hash_json, sha256_file, tokenizer_hash
+from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
+
+SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
+EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "batch_size")  # may change between resumes
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run the teacher stage first")
+    return json.loads(path.read_text())
+
+
+def verify_shards(out_dir: str | Path) -> list[str]:
+    """Problems with the shards a manifest lists (missing or checksum mismatch); [] when all are intact."""
+    out_dir = Path(out_dir)
+    problems = []
+    for entry in load_manifest(out_dir)["shards"]:
+        path = out_dir / SHARDS / entry["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: corrupt (sha256 does not match the manifest)")
+    return problems
+
+
+def read_journal(out_dir: Path) -> dict[str, dict]:
+    """name -> the latest journal entry for it; a torn last line (crash mid-write) is skipped."""
+    entries: dict[str, dict] = {}
+    path = out_dir / JOURNAL
+    if path.is_file():
+        for line in filter(str.strip, path.read_text().splitlines()):
+            try:
+                entry = json.loads(line)
+                entries[entry["name"]] = entry
+            except (json.JSONDecodeError, KeyError, TypeError):
+                warnings.warn(f"{path}: skipping unreadable journal line {line[:80]!r}")
+    return entries
+
+
+def _append_journal(out_dir: Path, entry: dict) -> None:
+    with open(out_dir / JOURNAL, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def completed_shards(out_dir: Path, expected_rows: dict[str, int]) -> dict[str, dict]:
+    """Journaled shards whose file is intact; warns about the ones that must be regenerated."""
+    done = {}
+    for name, entry in read_journal(out_dir).items():
+        path = out_dir / SHARDS / name
+        if name not in expected_rows or entry.get("rows") != expected_rows[name]:
+            warnings.warn(f"journal entry for {name} does not fit this prompt set; regenerating it")
+        elif not path.is_file():
+            warnings.warn(f"{path} is missing; regenerating it")
+        elif sha256_file(path) != entry.get("sha256"):
+            warnings.warn(f"{path} is corrupt or partial (checksum mismatch); regenerating it")
+        else:
+            done[name] = entry
+    return done
+
+
+def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer,
+                     prompts: list, seed: int) -> dict:
+    """Everything the teacher data depends on. Execution settings (EXECUTION_ONLY) are left out."""
+    teacher = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY}
+    recipe = {"teacher": teacher, "data_train": dataclasses.asdict(data_cfg.train), "seed": seed,
+              "chat_template": data_cfg.chat_template, "max_prompt_tokens": data_cfg.max_prompt_tokens,
+              "model_dtype": model_cfg.dtype}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "base_model_hash": base_model_fingerprint(model_cfg),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "prompts_hash": hash_json([[p.id, p.input_ids] for p in prompts]),
+        "recipe": recipe,
+        "recipe_hash": hash_json(recipe),
+    }
+
+
+def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
+    """Refuse an out_dir holding data made from other inputs; record the fingerprint in a new one."""
+    path = out_dir / FINGERPRINT
+    if path.is_file():
+        old = json.loads(path.read_text())
+        flat_old, flat_new = _flatten(old), _flatten(fingerprint)
+        changed = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(flat_old.keys() | flat_new.keys())
+                   if flat_old.get(k) != flat_new.get(k) and k != "recipe_hash"]
+        if changed:
+            raise ValueError(f"{out_dir} holds teacher data made from a different base model, tokenizer, prompt set "
+                             "or teacher settings:\n  " + "\n  ".join(changed)
+                             + f"\nPick a new output directory, or delete {out_dir} to regenerate.")
+        return
+    if any((out_dir / n).exists() for n in (SHARDS, JOURNAL, MANIFEST)):
+        raise ValueError(f"{out_dir} holds teacher files but no {FINGERPRINT}, so their origin is unknown. "
+                         f"Pick a new output directory, or delete {out_dir} to regenerate.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, fingerprint)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_settings(teacher_cfg: TeacherConfig, config, prompts: list) -> None:
+    if not 0 < teacher_cfg.top_k < config.vocab_size:
+        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} must be in [1, vocab_size={config.vocab_size})")
+    longest = max(len(p.input_ids) for p in prompts) + teacher_cfg.max_new_tokens
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and longest > max_positions:
+        raise ValueError(f"longest prompt + teacher.max_new_tokens = {longest} tokens exceeds the base model's "
+                         f"max_position_embeddings={max_positions}")
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError("base models with final_logit_softcapping are not supported: the teacher computes "
+                         "log-probs from lm_head(hidden) directly")
+
+
+def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: Path,
+                seed: int = 0, progress: bool = True) -> dict:
+    """Generate (or finish, or just verify) the teacher shards in `out_dir`; returns the manifest.
+    Expects Ray to be initialized."""
+    from transformers import AutoConfig
+
+    from data.prompts import load_prompts
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(model_cfg)
+    model_path = resolve_model_path(model_cfg.base_model)
+    config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision or None,
+                                        trust_remote_code=model_cfg.trust_remote_code).get_text_config()
+    check_vocab(tokenizer, config.vocab_size, model_cfg.base_model)
+    prompts = load_prompts(data_cfg.train, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
+    if not prompts:
+        raise ValueError(f"no training prompts in {data_cfg.train.path!r}")
+    _check_settings(teacher_cfg, config, prompts)
+    fingerprint = data_fingerprint(model_cfg, data_cfg, teacher_cfg, tokenizer, prompts, seed)
+    claim_out_dir(out_dir, fingerprint)
+
+    if (out_dir / MANIFEST).is_file():
+        problems = verify_shards(out_dir)
+        if not problems:
+            return load_manifest(out_dir)
+        warnings.warn("teacher manifest exists but shards are damaged, regenerating them:\n  " + "\n  ".join(problems))
+        (out_dir / MANIFEST).unlink()
+
+    size = teacher_cfg.shard_size
+    specs = [{"name": shard_name(i), "prompts": json.dumps([{"id": p.id, "input_ids": p.input_ids}
+                                                            for p in prompts[start:start + size]])}
+             for i, start in enumerate(range(0, len(prompts), size))]
+    expected_rows = {s["name"]: len(json.loads(s["prompts"])) for s in specs}
+    (out_dir / SHARDS).mkdir(exist_ok=True)
+    for stale in (out_dir / SHARDS).glob(".*.tmp-*"):  # left by a writer that died mid-write
+        stale.unlink()
+    done = completed_shards(out_dir, expected_rows)
+    pending = [s for s in specs if s["name"] not in done]
+    if pending:
+        done.update(_generate_shards(pending, len(specs), model_cfg, teacher_cfg, tokenizer, out_dir, seed, progress))
+    assert set(done) == set(expected_rows), "every shard is done once generation returns"
+
+    shards = [{k: done[s["name"]][k] for k in ("name", "sha256", "rows", "tokens")} for s in specs]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "base_model": {"name": model_cfg.base_model, "path": model_path, "revision": model_cfg.revision},
+        **{k: fingerprint[k] for k in ("base_model_hash", "tokenizer_hash", "recipe_hash", "prompts_hash", "recipe")},
+        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+        "top_k": teacher_cfg.top_k, "hidden_dtype": teacher_cfg.hidden_dtype,
+        "num_sequences": sum(s["rows"] for s in shards), "num_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+        "created_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    _write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, teacher_cfg: TeacherConfig,
+                     tokenizer, out_dir: Path, seed: int, progress: bool) -> dict[str, dict]:
+    """Run the pending shard specs through a pool of TeacherWorker actors; journal each as it lands."""
+    import ray
+    from tqdm.auto import tqdm
+
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending))  # one shard per block: results stream
+    ds = ds.map_batches(
+        TeacherWorker, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(teacher_cfg.num_actors, len(pending))),
+        num_gpus=teacher_cfg.gpus_per_actor,
+        fn_constructor_kwargs={"model_cfg": model_cfg, "teacher_cfg": teacher_cfg,
+                               "shards_dir": str(out_dir / SHARDS), "eos_id": tokenizer.eos_token_id,
+                               "pad_id": tokenizer.pad_token_id, "seed": seed},
+    )  # Ray Data already gives its actors max_restarts=-1 and max_task_retries=-1 (a crashed actor is
+    # restarted and its shard retried); on Ray 2.60 passing them means the deprecated **ray_remote_args.
+    ds.context.enable_progress_bars = False  # our bar counts shards
+    finished = {}
+    bar = tqdm(total=total, initial=total - len(pending), desc="teacher shards", unit="shard", disable=not progress)
+    try:
+        for row in ds.iter_rows():
+            entry = {"name": str(row["name"]), "sha256": str(row["sha256"]), "rows": int(row["rows"]),
+                     "tokens": int(row["tokens"])}
+            _append_journal(out_dir, entry)
+            finished[entry["name"]] = entry
+            bar.update(1)
+    except Exception as e:  # noqa: BLE001 - re-raised with how to resume
+        raise RuntimeError(f"teacher stage failed after {len(finished)} of {len(pending)} pending shards; finished "
+                           f"shards are journaled in {out_dir / JOURNAL} and a rerun resumes from them") from e
+    finally:
+        bar.close()
+    return finished
+
+
+class TeacherWorker:
+    """Ray Data actor: loads the frozen base model once, then turns one shard spec into one shard file."""
+
+    def __init__(self, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, shards_dir: str, eos_id, pad_id, seed: int):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # this process is ours: no per-actor "Loading weights" bars
+        gpus = teacher_cfg.gpus_per_actor
+        device_map = "auto" if gpus >= 1 else None  # one replica spread over the actor's GPUs
+        self.model, _ = load_base_model(model_cfg, device="cuda" if 0 < gpus < 1 else "cpu", device_map=device_map)
+        self.cfg, self.shards_dir, self.seed = teacher_cfg, Path(shards_dir), seed
+        model_eos = self.model.generation_config.eos_token_id  # e.g. Llama 3: end_of_text and eot_id
+        model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
+        self.eos_ids = sorted({t for t in [eos_id, *model_eos] if t is not None})
+        self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+
+    def __call__(self, batch: dict) -> dict:
+        assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"
+        name, prompts = str(batch["name"][0]), json.loads(batch["prompts"][0])
+        seqs = []
+        for start in range(0, len(prompts), self.cfg.batch_size):
+            chunk = prompts[start:start + self.cfg.batch_size]
+            ids = [p["input_ids"] for p in chunk]
+            seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
+            responses = generate_responses(self.model, ids, self.cfg, self.eos_ids, self.pad_id, seeds)
+            seqs += teacher_records(self.model, [p["id"] for p in chunk], ids, responses, self.cfg)
+        path = self.shards_dir / name
+        write_shard(seqs, path, self.cfg.hidden_dtype)
+        return {"name": [name], "sha256": [sha256_file(path)], "rows": [len(seqs)],
+                "tokens": [sum(len(s.tokens) - 1 for s in seqs)]}
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class GumbelNoise:
+    """Logits processor that turns greedy decoding into sampling at `temperature` (Gumbel-max trick), with
+    one RNG per prompt: a prompt's sample does not depend on the batch or shard it lands in."""
+
+    def __init__(self, temperature: float, seeds: list[int]):
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        return scores.float() / self.temperature + gumbel.to(scores.device, torch.float32)
+
+
+@torch.no_grad()
+def generate_responses(model, prompts: list[list[int]], cfg: TeacherConfig, eos_ids: list[int], pad_id: int,
+                       seeds: list[int]) -> list[list[int]]:
+    """Left-padded batched generation; each response ends at its first EOS (kept) or at max_new_tokens."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, p in enumerate(prompts):
+        input_ids[b, width - len(p):] = torch.tensor(p)
+        attention_mask[b, width - len(p):] = 1
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
+                               eos_token_id=eos_ids or None, pad_token_id=pad_id)
+    processors = LogitsProcessorList([GumbelNoise(cfg.temperature, seeds)] if cfg.temperature > 0 else [])
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         generation_config=gen_cfg, logits_processor=processors)
+    responses = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        responses.append(row[:end])
+    return responses
+
+
+@torch.no_grad()
+def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], responses: list[list[int]],
+                    cfg: TeacherConfig) -> list[TeacherSequence]:
+    """One forward over prompt+response (right-padded; causal attention keeps real positions exact), then per
+    stored position (last prompt token .. last response token): post-norm hidden, top-k log-probs, tail."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, s in enumerate(seqs):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attention_mask[b, :len(s)] = 1
+    hidden_BTH = model.get_decoder()(input_ids=input_ids.to(model.device),
+                                     attention_mask=attention_mask.to(model.device)).last_hidden_state
+    lm_head = model.get_output_embeddings()
+    records = []
+    for b, (pid, prompt, seq) in enumerate(zip(prompt_ids, prompts, seqs)):
+        hidden_NH = hidden_BTH[b, len(prompt) - 1:len(seq)].to(lm_head.weight.device)
+        logits_NV = lm_head(hidden_NH).float()
+        log_z_N = logits_NV.logsumexp(-1)
+        top_logits_NK, top_ids_NK = logits_NV.topk(cfg.top_k, dim=-1)  # sorted, best first
+        # log of the mass outside the top-k, without the cancellation of log(1 - sum(top-k probs))
+        tail_N = logits_NV.scatter(-1, top_ids_NK, float("-inf")).logsumexp(-1) - log_z_N
+        hidden = hidden_NH.float().cpu().numpy()
+        if cfg.hidden_dtype == "float16" and np.abs(hidden).max() > np.finfo(np.float16).max:
+            raise ValueError("hidden states overflow float16; set teacher.hidden_dtype to bfloat16 or float32")
+        records.append(TeacherSequence(
+            prompt_id=pid, prompt_len=len(prompt), tokens=np.asarray(seq[len(prompt) - 1:], dtype=np.int32),
+            hidden=hidden, topk_ids=top_ids_NK.int().cpu().numpy(),
+            topk_logprobs=(top_logits_NK - log_z_N[:, None]).cpu().numpy(), tail_logprob=tail_N.cpu().numpy()))
+    return records

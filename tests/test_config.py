@@ -1,0 +1,72 @@
+"""Recipes validate against the typed schema; bad input fails early with every problem listed."""
+
+import pytest
+
+from pipeline.config import Config, ConfigError, available_recipes, load_config, to_yaml
+from pipeline.main import main
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_validates(recipe):
+    cfg = load_config([f"recipe={recipe}"])
+    assert isinstance(cfg, Config)
+    assert cfg.run.name == recipe
+    assert cfg.eval.beam_length >= 2 and cfg.teacher.top_k > 0
+
+
+def test_expected_recipes_exist():
+    assert {"tiny", "llama8b", "llama70b"} <= set(available_recipes())
+
+
+def test_real_recipes_name_hub_models():
+    assert load_config(["recipe=llama70b"]).model.base_model == "meta-llama/Llama-3.1-70B-Instruct"
+    assert load_config(["recipe=llama8b"]).model.base_model == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_overrides_merge_after_recipe():
+    cfg = load_config(["recipe=tiny", "train.lr=0.5", "eval.beam_width=3", "run.stages=[teacher]"])
+    assert cfg.train.lr == 0.5 and cfg.eval.beam_width == 3 and cfg.run.stages == ["teacher"]
+    assert cfg.teacher.num_actors == 2  # from the tiny recipe, over base's default
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny", "train.lrr=1"])
+    msg = str(e.value)
+    assert "unknown key 'train.lrr'" in msg and "lr, weight_decay" in msg
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny", "eval.beam_width=abc"])
+    assert "eval.beam_width" in str(e.value) and "abc" in str(e.value)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny", "train.lrr=1", "eval.beam_width=abc", "nosuch.key=1"])
+    assert len(e.value.problems) == 3
+
+
+def test_range_and_choice_problems():
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny", "eval.device=tpu", "teacher.top_k=0", "eval.beam_length=1"])
+    assert len(e.value.problems) == 3
+    assert "choose one of cpu, cuda" in str(e.value)
+
+
+def test_unknown_recipe_lists_recipes():
+    with pytest.raises(ConfigError, match="available recipes: .*tiny"):
+        load_config(["recipe=nope"])
+
+
+def test_cli_reports_config_error_and_exit_code(capsys):
+    assert main(["recipe=tiny", "train.lrr=1"]) == 2
+    assert "unknown key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_print_config_runs_nothing(capsys, tmp_path):
+    assert main(["recipe=tiny", f"run.output_dir={tmp_path}", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "beam_width: 8" in out and not any(tmp_path.iterdir())
+    assert to_yaml(load_config(["recipe=tiny", f"run.output_dir={tmp_path}"])) in out
