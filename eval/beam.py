@@ -1,0 +1,69 @@
+"""Drafter beam search (spec section 3): W beams of L tokens from (h, g0), beams[..., 0] == g0.
+
+Deterministic top-W over the drafter's joint log-probability of the draft tokens, vectorized over
+the batch B and the beams W; the only Python loop is over the L - 1 draft depths. The drafter is
+used only through `init_state`, `next_state` and `logits` (pipeline/drafter.py), so test stubs with
+the same three methods can stand in for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Beams:
+    tokens_BWL: torch.Tensor  # long; [..., 0] is g0, [..., k] the k-th draft token
+    scores_BW: torch.Tensor  # joint drafter log-prob of drafts 1..L-1, best beam first
+    # log_probs_BWKV[b, w, k - 1] is the drafter distribution that drafted tokens_BWL[b, w, k]
+    # (K = L - 1), kept along the beam's own history: sampling verification needs Q per kept token.
+    log_probs_BWKV: torch.Tensor | None
+
+
+def _param_dtype(module, default: torch.dtype) -> torch.dtype:
+    param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    return param.dtype if param is not None else default
+
+
+def _take_beams(x_BW_: torch.Tensor, parent_BW: torch.Tensor) -> torch.Tensor:
+    """x reordered along dim 1 so that new beam w inherits from old beam parent_BW[:, w]."""
+    index = parent_BW.view(*parent_BW.shape, *([1] * (x_BW_.dim() - 2))).expand(-1, -1, *x_BW_.shape[2:])
+    return x_BW_.gather(1, index)
+
+
+@torch.no_grad()
+def draft(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, beam_width: int, beam_length: int,
+          keep_log_probs: bool = True) -> Beams:
+    """Beam search over the drafter. beam_length L INCLUDES g0 (reference convention)."""
+    W, L = beam_width, beam_length
+    if W < 1 or L < 1:
+        raise ValueError(f"beam_width and beam_length must be >= 1, got W={W}, L={L}")
+    B = g0_B.shape[0]
+    h_BH = h_BH.to(_param_dtype(drafter, h_BH.dtype))
+    h_BWH = h_BH[:, None, :].expand(B, W, h_BH.shape[-1])
+    tokens_BWL = g0_B[:, None, None].expand(B, W, 1).clone()
+    # Only beam 0 is alive before the first draft (all beams are the same g0): with the others at
+    # -inf, the first top-W picks W distinct tokens from beam 0's distribution.
+    scores_BW = torch.full((B, W), float("-inf"), device=g0_B.device)
+    scores_BW[:, 0] = 0.0
+    state_BWS = drafter.init_state(h_BH, B, W)
+    log_probs_BWKV = None
+    for k in range(1, L):
+        state_BWS = drafter.next_state(state_BWS, tokens_BWL[..., k - 1])
+        log_probs_BWV = F.log_softmax(drafter.logits(h_BWH, state_BWS).float(), dim=-1)
+        V = log_probs_BWV.shape[-1]
+        if W > V:
+            raise ValueError(f"beam_width {W} exceeds the vocabulary size {V}")
+        joint_BN = (scores_BW[..., None] + log_probs_BWV).flatten(1)  # N = W * V candidates
+        scores_BW, best_BW = joint_BN.topk(W, dim=-1)  # sorted: beam 0 is the most likely
+        parent_BW, token_BW = best_BW // V, best_BW % V
+        tokens_BWL = torch.cat([_take_beams(tokens_BWL, parent_BW), token_BW[..., None]], dim=-1)
+        state_BWS = _take_beams(state_BWS, parent_BW)
+        if keep_log_probs:
+            step_BW1V = _take_beams(log_probs_BWV, parent_BW)[:, :, None, :]
+            log_probs_BWKV = step_BW1V if log_probs_BWKV is None else torch.cat(
+                [_take_beams(log_probs_BWKV, parent_BW), step_BW1V], dim=2)
+    return Beams(tokens_BWL, scores_BW, log_probs_BWKV)

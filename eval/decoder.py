@@ -1,0 +1,264 @@
+"""Greedy speculative decoding with a ReDrafter drafter (spec section 3), and plain greedy decoding
+on the same cache machinery.
+
+    decoder = SpeculativeDecoder(model, drafter, beam_width=4, beam_length=5)
+    result = decoder.generate(prompts, max_new_tokens=128, eos_token_id=tok.eos_token_id)
+
+One step: `draft()` beams from (h, g0) -> `pack_tree()` -> ONE base forward over the packed tokens
+-> `verify()` -> `accept()` -> `commit()`. Output is identical to plain greedy decoding.
+
+KV cache layout (transformers' `StaticCache`, preallocated and indexed by slot): row b's committed
+tokens occupy slots [0, ctx_b). A step writes the packed tree of every row at the shared slots
+[S, S + P), S = max_b ctx_b; the float mask lets row b see slots < ctx_b plus its own tree
+ancestors (slots in [ctx_b, S) hold stale entries and stay masked). After acceptance the accepted
+path's K/V are copied from their packed slots to [ctx_b, ctx_b + n + 1) and ctx_b advances: a
+rejected draft costs nothing but a pointer that does not move.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+from eval.beam import draft
+from eval.metrics import DecodeStats
+from eval.tree import Tree, pack_tree
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt, cut after the first EOS and at max_new_tokens
+    stats: DecodeStats
+    seconds: float
+
+
+@dataclass
+class DecodeState:
+    cache: StaticCache
+    ctx_B: torch.Tensor  # committed length per row == number of cache slots holding committed tokens
+    g0_B: torch.Tensor  # the base model's next token after the committed ones (not yet in the cache)
+    h_BD: torch.Tensor  # base hidden state (post final norm) at the last committed position
+    new_tokens: list[list[int]]  # committed new tokens per row, not yet truncated
+    done_B: torch.Tensor  # rows past EOS / max_new_tokens keep riding in the batch, frozen
+    max_new_tokens: int
+    eos_token_id: int | None
+
+
+@dataclass
+class Acceptance:
+    beam_B: torch.Tensor  # chosen beam: longest accepted prefix, first on ties
+    num_accepted_B: torch.Tensor  # accepted drafts n (tokens committed this step = n + 1)
+    tokens_BL: torch.Tensor  # chosen beam's tokens; the first n + 1 are committed
+    path_BL: torch.Tensor  # packed indices of the chosen beam's tokens
+    next_g0_B: torch.Tensor  # base prediction after the last accepted token ("bonus" token)
+    next_h_BD: torch.Tensor  # base hidden state at the last accepted token
+
+
+# ---- cache and base forward ----------------------------------------------------------------
+
+def seek(cache: StaticCache, slot: int) -> None:
+    """Make the next forward write its K/V at slots [slot, slot + q).
+
+    transformers 5.23's StaticLayer ignores `cache_position` and writes at its own running counter
+    `cumulative_length`; setting that counter is the only way to choose the slot."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(slot)
+
+
+def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at: int, max_cache_len: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, Q, max_cache_len) ADDITIVE float mask: 0 where allowed, dtype-min elsewhere.
+
+    Row b's queries see its committed slots < ctx_b and, inside [write_at, write_at + Q), their
+    tree ancestors. A boolean 4D mask is silently wrong under eager attention (spec section 6)."""
+    B, Q, _ = tree_mask_BQQ.shape
+    assert int(ctx_B.max()) <= write_at and write_at + Q <= max_cache_len
+    slot_M = torch.arange(max_cache_len, device=ctx_B.device)
+    allowed_BQM = (slot_M < ctx_B[:, None])[:, None, :].repeat(1, Q, 1)
+    allowed_BQM[:, :, write_at:write_at + Q] = tree_mask_BQQ
+    bias = torch.zeros(B, 1, Q, max_cache_len, dtype=dtype, device=ctx_B.device)
+    return bias.masked_fill_(~allowed_BQM[:, None], torch.finfo(dtype).min)
+
+
+def base_forward(model, cache: StaticCache, tokens_BQ: torch.Tensor, position_ids_BQ: torch.Tensor,
+                 bias_B1QM: torch.Tensor, write_at: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_BQD post-norm, logits_BQV) through the public API, K/V written at [write_at, +Q)."""
+    seek(cache, write_at)
+    Q = tokens_BQ.shape[1]
+    out = model.model(
+        input_ids=tokens_BQ, attention_mask=bias_B1QM, position_ids=position_ids_BQ, past_key_values=cache,
+        use_cache=True,
+        # Ignored by 5.23 (see seek()); passed so versions that honour it write the same slots.
+        cache_position=torch.arange(write_at, write_at + Q, device=tokens_BQ.device),
+    )
+    hidden_BQD = out.last_hidden_state
+    return hidden_BQD, model.lm_head(hidden_BQD)
+
+
+def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor) -> None:
+    """Copy K/V of slots src to slots dst per row (gather everything first, then scatter, so
+    overlapping source and destination ranges are safe)."""
+    if torch.equal(src_BL, dst_BL):  # batch 1 accepting along beam 0: already in place
+        return
+    for layer in cache.layers:
+        for buf_BHMD in (layer.keys, layer.values):
+            H, D = buf_BHMD.shape[1], buf_BHMD.shape[3]
+            src = src_BL[:, None, :, None].expand(-1, H, -1, D)
+            moved = buf_BHMD.gather(2, src)
+            buf_BHMD.scatter_(2, dst_BL[:, None, :, None].expand(-1, H, -1, D), moved)
+
+
+def check_prompts(prompts: list[list[int]]) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+
+
+def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens: int,
+            eos_token_id: int | None) -> DecodeState:
+    """Ragged prompts at slots [0, len_b), right-padded; padding is masked out."""
+    check_prompts(prompts)
+    device = model.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+    for b, prompt in enumerate(prompts):
+        tokens_BT[b, :len(prompt)] = torch.tensor(prompt, device=device)
+    len_B = torch.tensor([len(p) for p in prompts], device=device)
+    pos_T = torch.arange(T, device=device)
+    causal_BTT = (pos_T[None, :, None] >= pos_T[None, None, :]) & (pos_T[None, None, :] < len_B[:, None, None])
+    causal_BTT |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries see themselves only
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    bias = attention_bias(torch.zeros_like(len_B), causal_BTT, 0, max_cache_len, model.dtype)
+    hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), bias, 0)
+    last_B = len_B - 1
+    rows = torch.arange(B, device=device)
+    return DecodeState(cache, len_B, logits_BTV[rows, last_B].argmax(-1), hidden_BTD[rows, last_B],
+                       [[] for _ in prompts], torch.full((B,), max_new_tokens == 0, device=device),
+                       max_new_tokens, eos_token_id)
+
+
+def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ONE base forward over every row's packed tree; returns (hidden_BPD, logits_BPV, write_at)."""
+    write_at = int(state.ctx_B.max())
+    bias = attention_bias(state.ctx_B, tree.tree_mask_BPP, write_at, state.cache.get_max_length(), model.dtype)
+    position_ids_BP = state.ctx_B[:, None] + tree.depth_BP  # context length + depth
+    hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, bias, write_at)
+    return hidden_BPD, logits_BPV, write_at
+
+
+# ---- greedy verification ------------------------------------------------------------------
+
+def verify(logits_BPV: torch.Tensor, beams_BWL: torch.Tensor, unpacker_BWL: torch.Tensor):
+    """(accept_len_BW, pred_BWL): pred[..., k] = base argmax after beam tokens 0..k; draft k + 1 is
+    accepted iff it equals pred[..., k] and every earlier draft was accepted."""
+    B, W, L = beams_BWL.shape
+    pred_BWL = logits_BPV.argmax(-1).gather(1, unpacker_BWL.flatten(1)).view(B, W, L)
+    match_BWK = beams_BWL[..., 1:] == pred_BWL[..., :-1]
+    accept_len_BW = match_BWK.long().cumprod(dim=-1).sum(dim=-1)
+    return accept_len_BW, pred_BWL
+
+
+def accept(accept_len_BW: torch.Tensor, pred_BWL: torch.Tensor, beams_BWL: torch.Tensor,
+           unpacker_BWL: torch.Tensor, hidden_BPD: torch.Tensor) -> Acceptance:
+    """Pick the beam with the longest accepted prefix; the base's prediction after its last accepted
+    token is the next g0 (so every step commits at least one token) and the hidden there the next h."""
+    rows_B = torch.arange(beams_BWL.shape[0], device=beams_BWL.device)
+    beam_B = accept_len_BW.argmax(dim=-1)  # argmax returns the first maximum: lowest beam on ties
+    n_B = accept_len_BW[rows_B, beam_B]
+    path_BL = unpacker_BWL[rows_B, beam_B]
+    return Acceptance(beam_B, n_B, beams_BWL[rows_B, beam_B], path_BL, pred_BWL[rows_B, beam_B, n_B],
+                      hidden_BPD[rows_B, path_BL[rows_B, n_B]])
+
+
+def commit(state: DecodeState, acc: Acceptance, write_at: int) -> torch.Tensor:
+    """Append g0 + accepted drafts to the active rows and advance them; returns the active mask."""
+    active_B = ~state.done_B
+    L = acc.path_BL.shape[1]
+    # All L columns are moved: those past n land at slots >= the new ctx_b, masked until rewritten.
+    dst_BL = state.ctx_B[:, None] + torch.arange(L, device=state.ctx_B.device)
+    commit_kv(state.cache, write_at + acc.path_BL, dst_BL)
+    state.ctx_B = torch.where(active_B, state.ctx_B + acc.num_accepted_B + 1, state.ctx_B)
+    state.g0_B = torch.where(active_B, acc.next_g0_B, state.g0_B)
+    state.h_BD = torch.where(active_B[:, None], acc.next_h_BD.to(state.h_BD.dtype), state.h_BD)
+    for b in active_B.nonzero().flatten().tolist():
+        new = acc.tokens_BL[b, :int(acc.num_accepted_B[b]) + 1].tolist()
+        state.new_tokens[b] += new
+        if len(state.new_tokens[b]) >= state.max_new_tokens or state.eos_token_id in new:
+            state.done_B[b] = True
+    return active_B
+
+
+def truncate(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    tokens = tokens[:max_new_tokens]
+    if eos_token_id is not None and eos_token_id in tokens:
+        tokens = tokens[:tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+# ---- decoding loops -------------------------------------------------------------------------
+
+@torch.no_grad()
+def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step, stats: DecodeStats,
+            step_slots: int) -> GenerationResult:
+    """Prefill, then `step(state, stats)` until every row is done. `step_slots` bounds the cache
+    slots one step may use beyond max_b ctx_b (its packed size + the tokens it may overshoot)."""
+    check_prompts(prompts)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    start = time.perf_counter()
+    max_cache_len = max(len(p) for p in prompts) + max_new_tokens + step_slots
+    state = prefill(model, prompts, max_cache_len, max_new_tokens, eos_token_id)
+    while not bool(state.done_B.all()):
+        step(state, stats)
+        stats.num_forwards += 1
+    tokens = [truncate(t, max_new_tokens, eos_token_id) for t in state.new_tokens]
+    return GenerationResult(tokens, stats, time.perf_counter() - start)
+
+
+def plain_step(model, state: DecodeState, stats: DecodeStats) -> None:
+    """One token per row per forward: g0 goes in, the next g0 comes out."""
+    B, device = state.g0_B.shape[0], state.g0_B.device
+    g0_B1 = state.g0_B[:, None]
+    zeros_B1 = torch.zeros_like(g0_B1)
+    tree = Tree(g0_B1, zeros_B1, torch.ones(B, 1, 1, dtype=torch.bool, device=device), zeros_B1[:, :, None],
+                torch.ones(B, dtype=torch.long, device=device))
+    hidden_B1D, logits_B1V, write_at = forward_tree(model, state, tree)
+    acc = Acceptance(zeros_B1[:, 0], zeros_B1[:, 0], g0_B1, zeros_B1, logits_B1V[:, 0].argmax(-1), hidden_B1D[:, 0])
+    active_B = commit(state, acc, write_at)
+    stats.record([0] * int(active_B.sum()), [1] * int(active_B.sum()))
+
+
+def plain_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
+    """Batched plain greedy decoding (the speedup baseline): one token per row per forward."""
+    return _decode(model, prompts, max_new_tokens, eos_token_id,
+                   lambda state, stats: plain_step(model, state, stats), DecodeStats(1, 1), step_slots=2)
+
+
+class SpeculativeDecoder:
+    def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True):
+        if beam_width < 1 or beam_length < 1:
+            raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
+        if beam_width > model.config.vocab_size:
+            raise ValueError(f"beam_width {beam_width} exceeds the vocabulary size {model.config.vocab_size}")
+        self.model, self.drafter = model, drafter
+        self.beam_width, self.beam_length = beam_width, beam_length
+        self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
+
+    def step(self, state: DecodeState, stats: DecodeStats) -> None:
+        W, L = self.beam_width, self.beam_length
+        # Greedy verification needs no drafter probabilities: skip keeping them.
+        beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False)
+        tree = pack_tree(beams.tokens_BWL, dedup=self.tree_attention)
+        hidden_BPD, logits_BPV, write_at = forward_tree(self.model, state, tree)
+        accept_len_BW, pred_BWL = verify(logits_BPV, beams.tokens_BWL, tree.unpacker_BWL)
+        acc = accept(accept_len_BW, pred_BWL, beams.tokens_BWL, tree.unpacker_BWL, hidden_BPD)
+        active_B = commit(state, acc, write_at)
+        stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
+        stats = DecodeStats(self.beam_width, self.beam_length)
+        # A step uses at most W * L packed slots; a row may overshoot max_new_tokens by L - 1.
+        return _decode(self.model, prompts, max_new_tokens, eos_token_id, self.step, stats,
+                       step_slots=self.beam_width * self.beam_length + self.beam_length)

@@ -1,0 +1,238 @@
+"""Greedy speculative decoding (eval/decoder.py) and its metrics (eval/metrics.py).
+
+    python -m pytest tests/test_decoder.py -q
+
+Losslessness is checked token for token against `model.generate(do_sample=False)` and against
+`plain_greedy`, with a random drafter (almost nothing accepted), a partly right drafter (ragged
+acceptance) and an oracle drafter (everything accepted); a decoder that accepts one token too many
+must fail the same check.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eval.decoder as decoder_module
+from eval.decoder import SpeculativeDecoder, accept, plain_greedy, prefill, verify
+from eval.metrics import DecodeStats
+from pipeline.drafter import build_drafter, make_arch
+from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
+
+V = 256
+MAX_NEW = 12
+
+
+class TableDrafter(nn.Module):
+    """Stub drafter with the real interface: proposes propose_V[last token], never forbid_V[last token]."""
+
+    def __init__(self, propose_V: torch.Tensor, forbid_V: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("propose_V", propose_V)
+        self.register_buffer("forbid_V", forbid_V if forbid_V is not None else propose_V.new_full(propose_V.shape, -1))
+
+    def init_state(self, like_h, *batch_dims):
+        return like_h.new_zeros(*batch_dims, 1)
+
+    def next_state(self, state, token_ids):
+        return token_ids[..., None].to(state.dtype)  # the state is just the last token
+
+    def logits(self, h, state):
+        last = state[..., 0].long()
+        logits = 10.0 * F.one_hot(self.propose_V[last], len(self.propose_V)).float()
+        forbid = self.forbid_V[last]
+        return logits - 1e4 * F.one_hot(forbid.clamp(min=0), len(self.propose_V)).float() * (forbid >= 0)[..., None]
+
+
+def bigram_table(model) -> torch.Tensor:
+    """Base model's greedy next token after each single token: exact when attention is switched off."""
+    with torch.no_grad():
+        return model(torch.arange(V)[:, None]).logits[:, 0].argmax(-1)
+
+
+def seen_bigram_table(prompts, continuations) -> torch.Tensor:
+    """Most frequent next token after each token in the base model's own greedy outputs: a drafter
+    that agrees with the base model often but not always (ragged acceptance, tau ~2)."""
+    counts = torch.zeros(V, V)
+    for prompt, continuation in zip(prompts, continuations):
+        seq = prompt[-1:] + continuation
+        for a, b in zip(seq, seq[1:]):
+            counts[a, b] += 1
+    return counts.argmax(-1)
+
+
+def make_prompts(n: int, seed: int, max_len: int = 24) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=gen).tolist()
+    return [torch.randint(3, V, (n_tok,), generator=gen).tolist() for n_tok in lengths]
+
+
+def hf_greedy(model, prompts, max_new_tokens, eos_token_id):
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=0)
+        out.append(gen[0, len(prompt):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module", params=IMPLS)
+def setup(request):
+    """model, prompts, eos, HF reference outputs and a seen-bigram table; eos is a token the model
+    often emits, so some rows stop early and others run to max_new_tokens."""
+    model = tiny_llama(request.param)
+    prompts = make_prompts(16, seed=0)
+    free = plain_greedy(model, prompts, MAX_NEW, None).tokens
+    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V)
+    eos = int(counts.argmax())
+    reference = hf_greedy(model, prompts, MAX_NEW, eos)
+    assert any(len(t) < MAX_NEW for t in reference) and any(len(t) == MAX_NEW for t in reference)
+    return model, prompts, eos, reference, seen_bigram_table(prompts, free)
+
+
+def random_drafter(model):
+    return build_drafter(make_arch(V, model.config.hidden_size), model.model.embed_tokens.weight, seed=0)
+
+
+def test_plain_greedy_equals_hf_generate(setup):
+    model, prompts, eos, reference, _ = setup
+    assert plain_greedy(model, prompts, MAX_NEW, eos).tokens == reference  # batched, ragged
+    result = plain_greedy(model, prompts[:3], MAX_NEW, eos)
+    assert result.stats.tokens_per_step == 1.0 and result.stats.verified_tokens_per_step == 1.0
+
+
+def test_lossless_with_random_drafter_batch_1(setup):
+    model, prompts, eos, reference, _ = setup
+    decoder = SpeculativeDecoder(model, random_drafter(model), beam_width=4, beam_length=4)
+    assert [decoder.generate([p], MAX_NEW, eos).tokens[0] for p in prompts] == reference
+
+
+@pytest.mark.parametrize("tree_attention", [True, False])
+@pytest.mark.parametrize("drafter_kind", ["random", "seen_bigram"])
+def test_lossless_batched_ragged(setup, tree_attention, drafter_kind):
+    model, prompts, eos, reference, table = setup
+    drafter = random_drafter(model) if drafter_kind == "random" else TableDrafter(table)
+    decoder = SpeculativeDecoder(model, drafter, beam_width=3, beam_length=4, tree_attention=tree_attention)
+    stats = []
+    for i in range(0, len(prompts), 4):
+        result = decoder.generate(prompts[i:i + 4], MAX_NEW, eos)
+        assert result.tokens == reference[i:i + 4]
+        stats.append(result.stats)
+    merged = DecodeStats.merge(stats)
+    if drafter_kind == "seen_bigram":  # ragged acceptance across rows and steps is what this exercises
+        assert 1.2 < merged.tokens_per_step < 4.0, merged.to_dict()
+    if not tree_attention:
+        assert merged.verified_fraction_of_WL == 1.0
+
+
+def test_accepting_one_token_too_many_breaks_equality(setup, monkeypatch):
+    """The losslessness check has teeth: a verify() that accepts one extra draft must fail it."""
+    model, prompts, eos, reference, _ = setup
+
+    def cheating_verify(logits_BPV, beams_BWL, unpacker_BWL):
+        accept_len_BW, pred_BWL = verify(logits_BPV, beams_BWL, unpacker_BWL)
+        return (accept_len_BW + 1).clamp(max=beams_BWL.shape[-1] - 1), pred_BWL
+
+    monkeypatch.setattr(decoder_module, "verify", cheating_verify)
+    decoder = SpeculativeDecoder(model, random_drafter(model), beam_width=3, beam_length=4)
+    assert decoder.generate(prompts[:4], MAX_NEW, eos).tokens != reference[:4]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_oracle_drafter_accepts_everything_and_wrong_drafter_nothing(impl):
+    model = tiny_llama(impl)
+    with torch.no_grad():  # attention off: the greedy next token depends on the last token only
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    table = bigram_table(model)
+    prompts = make_prompts(4, seed=1)
+    plain = plain_greedy(model, prompts, 10, None).tokens
+    L = 4
+    oracle = SpeculativeDecoder(model, TableDrafter(table), beam_width=2, beam_length=L).generate(prompts, 10, None)
+    assert oracle.tokens == plain
+    assert oracle.stats.tokens_per_step == L and oracle.stats.acceptance_per_position == [1.0] * (L - 1)
+    assert oracle.stats.num_forwards == 3  # ceil(10 / 4)
+    wrong = SpeculativeDecoder(model, TableDrafter((table + 1) % V, forbid_V=table), beam_width=2, beam_length=L)
+    result = wrong.generate(prompts, 10, None)
+    assert result.tokens == plain
+    assert result.stats.tokens_per_step == 1.0 and result.stats.acceptance_per_position[0] == 0.0
+
+
+def test_verify_and_accept_by_hand():
+    beams = torch.tensor([[[5, 1, 2], [5, 1, 3], [5, 4, 2]],
+                          [[7, 7, 7], [7, 8, 7], [7, 9, 9]]])
+    unpacker = torch.tensor([[[0, 1, 2], [0, 1, 3], [0, 4, 5]],
+                             [[0, 1, 2], [0, 3, 4], [0, 5, 6]]])
+    # Base argmax per packed slot, row 0: after 5 -> 1, after 5 1 -> 3, after 5 1 2 -> 8,
+    # after 5 1 3 -> 6, after 5 4 -> 2, after 5 4 2 -> 9. Row 1: after 7 -> 9, after 7 9 -> 0.
+    pred_BP = torch.tensor([[1, 3, 8, 6, 2, 9, 0], [9, 0, 0, 0, 0, 0, 0]])
+    logits_BPV = F.one_hot(pred_BP, 10).float()
+    hidden_BPD = torch.arange(14.0).view(2, 7, 1)
+    accept_len, pred_BWL = verify(logits_BPV, beams, unpacker)
+    assert accept_len.tolist() == [[1, 2, 0], [0, 0, 1]]
+    assert pred_BWL[0].tolist() == [[1, 3, 8], [1, 3, 6], [1, 2, 9]]
+    acc = accept(accept_len, pred_BWL, beams, unpacker, hidden_BPD)
+    assert acc.beam_B.tolist() == [1, 2] and acc.num_accepted_B.tolist() == [2, 1]
+    assert acc.tokens_BL.tolist() == [[5, 1, 3], [7, 9, 9]]
+    assert acc.next_g0_B.tolist() == [6, 0]  # the base's own "bonus" token after the accepted ones
+    assert acc.next_h_BD[:, 0].tolist() == [3.0, 12.0]  # hidden at packed slot 3 (row 0), 5 (row 1)
+    ties = accept(torch.tensor([[1, 1, 0]]), pred_BWL[:1], beams[:1], unpacker[:1], hidden_BPD[:1])
+    assert ties.beam_B.tolist() == [0]  # first beam on ties
+
+
+def test_cache_matches_fresh_prefill_after_accepted_steps(setup):
+    model, all_prompts, _, _, table = setup
+    prompts = all_prompts[4:7]
+    decoder = SpeculativeDecoder(model, TableDrafter(table), beam_width=3, beam_length=4)
+    stats = DecodeStats(3, 4)
+    with torch.no_grad():
+        state = prefill(model, prompts, max_cache_len=80, max_new_tokens=40, eos_token_id=None)
+        for _ in range(6):
+            decoder.step(state, stats)
+        assert sum(stats.accepted) > 0  # some drafts were accepted and their K/V moved
+        for b, prompt in enumerate(prompts):
+            committed = prompt + state.new_tokens[b]
+            assert int(state.ctx_B[b]) == len(committed)
+            fresh = model.model(input_ids=torch.tensor([committed]), use_cache=True)
+            n = len(committed)
+            for layer, fresh_layer in zip(state.cache.layers, fresh.past_key_values.layers):
+                torch.testing.assert_close(layer.keys[b, :, :n], fresh_layer.keys[0], atol=1e-4, rtol=0)
+                torch.testing.assert_close(layer.values[b, :, :n], fresh_layer.values[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(state.h_BD[b], fresh.last_hidden_state[0, -1], atol=1e-4, rtol=0)
+            assert int(state.g0_B[b]) == int(model.lm_head(fresh.last_hidden_state[0, -1]).argmax())
+
+
+def test_generate_edge_cases(setup):
+    model, prompts, eos, _, _ = setup
+    decoder = SpeculativeDecoder(model, random_drafter(model), beam_width=2, beam_length=3)
+    assert decoder.generate(prompts[:2], 0, eos).tokens == [[], []]
+    with pytest.raises(ValueError, match="non-empty"):
+        decoder.generate([[]], 4, eos)
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        SpeculativeDecoder(model, random_drafter(model), beam_width=V + 1, beam_length=3)
+
+
+def test_metrics_by_hand():
+    stats = DecodeStats(beam_width=2, beam_length=4)
+    stats.record([0, 2, 1], [5, 6, 7])
+    more = DecodeStats(beam_width=2, beam_length=4)
+    more.record([3, 0], [8, 4])
+    merged = DecodeStats.merge([stats, more])
+    assert merged.tokens_per_step == pytest.approx((1 + 3 + 2 + 4 + 1) / 5)
+    # a_1 = #(a >= 1) / #(a >= 0) = 3/5, a_2 = #(a >= 2) / #(a >= 1) = 2/3, a_3 = 1/2
+    assert merged.acceptance_per_position == pytest.approx([3 / 5, 2 / 3, 1 / 2])
+    assert merged.tokens_per_step_histogram == {1: 2, 2: 1, 3: 1, 4: 1}
+    assert merged.verified_tokens_per_step == pytest.approx(6.0)
+    assert merged.verified_fraction_of_WL == pytest.approx(6.0 / 8)
+    never = DecodeStats(beam_width=1, beam_length=3)
+    never.record([0, 0], [1, 1])
+    d = json.loads(json.dumps(never.to_dict()))
+    assert d["tokens_per_step"] == 1.0 and d["acceptance_per_position"] == [0.0, None]
+    assert d["tokens_per_step_histogram"] == {"1": 2, "2": 0, "3": 0}
+    with pytest.raises(ValueError, match="different beam shapes"):
+        DecodeStats.merge([stats, never])
