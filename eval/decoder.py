@@ -1,5 +1,6 @@
 """Greedy speculative decoding with a ReDrafter drafter (spec section 3), and plain greedy decoding
-on the same cache machinery.
+on the same cache machinery. Sampling (temperature > 0) lives in eval/sampling.py and plugs in here
+through `pick_next` (how the next g0 is chosen from logits) and `SpeculativeDecoder.step`.
 
     decoder = SpeculativeDecoder(model, drafter, beam_width=4, beam_length=5)
     result = decoder.generate(prompts, max_new_tokens=128, eos_token_id=tok.eos_token_id)
@@ -17,7 +18,10 @@ rejected draft costs nothing but a pointer that does not move.
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,14 +115,20 @@ def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor) ->
             buf_BHMD.scatter_(2, dst_BL[:, None, :, None].expand(-1, H, -1, D), moved)
 
 
+def argmax_token(logits_BV: torch.Tensor) -> torch.Tensor:
+    """The greedy `pick_next`: (B, V) logits -> (B,) next tokens."""
+    return logits_BV.argmax(-1)
+
+
 def check_prompts(prompts: list[list[int]]) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
 
 
 def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens: int,
-            eos_token_id: int | None) -> DecodeState:
-    """Ragged prompts at slots [0, len_b), right-padded; padding is masked out."""
+            eos_token_id: int | None, pick_next: Callable = argmax_token) -> DecodeState:
+    """Ragged prompts at slots [0, len_b), right-padded; padding is masked out. The first g0 is
+    `pick_next(logits at each prompt's last token)`."""
     check_prompts(prompts)
     device = model.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -134,7 +144,7 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), bias, 0)
     last_B = len_B - 1
     rows = torch.arange(B, device=device)
-    return DecodeState(cache, len_B, logits_BTV[rows, last_B].argmax(-1), hidden_BTD[rows, last_B],
+    return DecodeState(cache, len_B, pick_next(logits_BTV[rows, last_B]), hidden_BTD[rows, last_B],
                        [[] for _ in prompts], torch.full((B,), max_new_tokens == 0, device=device),
                        max_new_tokens, eos_token_id)
 
@@ -201,7 +211,7 @@ def truncate(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -
 
 @torch.no_grad()
 def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step, stats: DecodeStats,
-            step_slots: int) -> GenerationResult:
+            step_slots: int, pick_next: Callable = argmax_token) -> GenerationResult:
     """Prefill, then `step(state, stats)` until every row is done. `step_slots` bounds the cache
     slots one step may use beyond max_b ctx_b (its packed size + the tokens it may overshoot)."""
     check_prompts(prompts)
@@ -209,7 +219,7 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step,
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     start = time.perf_counter()
     max_cache_len = max(len(p) for p in prompts) + max_new_tokens + step_slots
-    state = prefill(model, prompts, max_cache_len, max_new_tokens, eos_token_id)
+    state = prefill(model, prompts, max_cache_len, max_new_tokens, eos_token_id, pick_next)
     while not bool(state.done_B.all()):
         step(state, stats)
         stats.num_forwards += 1
@@ -217,15 +227,15 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step,
     return GenerationResult(tokens, stats, time.perf_counter() - start)
 
 
-def plain_step(model, state: DecodeState, stats: DecodeStats) -> None:
-    """One token per row per forward: g0 goes in, the next g0 comes out."""
+def plain_step(model, state: DecodeState, stats: DecodeStats, pick_next: Callable = argmax_token) -> None:
+    """One token per row per forward: g0 goes in, the next g0 (`pick_next` of its logits) comes out."""
     B, device = state.g0_B.shape[0], state.g0_B.device
     g0_B1 = state.g0_B[:, None]
     zeros_B1 = torch.zeros_like(g0_B1)
     tree = Tree(g0_B1, zeros_B1, torch.ones(B, 1, 1, dtype=torch.bool, device=device), zeros_B1[:, :, None],
                 torch.ones(B, dtype=torch.long, device=device))
     hidden_B1D, logits_B1V, write_at = forward_tree(model, state, tree)
-    acc = Acceptance(zeros_B1[:, 0], zeros_B1[:, 0], g0_B1, zeros_B1, logits_B1V[:, 0].argmax(-1), hidden_B1D[:, 0])
+    acc = Acceptance(zeros_B1[:, 0], zeros_B1[:, 0], g0_B1, zeros_B1, pick_next(logits_B1V[:, 0]), hidden_B1D[:, 0])
     active_B = commit(state, acc, write_at)
     stats.record([0] * int(active_B.sum()), [1] * int(active_B.sum()))
 
@@ -237,16 +247,29 @@ def plain_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token
 
 
 class SpeculativeDecoder:
-    def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True):
+    """temperature 0: greedy, output identical to `plain_greedy`. temperature > 0: sampling
+    (eval/sampling.py), lossless by default; `reference_compatible=True` uses the reference's
+    acceptance rule instead, which is NOT lossless."""
+
+    def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
+                 temperature: float = 0.0, reference_compatible: bool = False):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
         if beam_width > model.config.vocab_size:
             raise ValueError(f"beam_width {beam_width} exceeds the vocabulary size {model.config.vocab_size}")
+        if not temperature >= 0.0:  # also rejects nan
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if reference_compatible and temperature == 0.0:
+            warnings.warn("reference_compatible only changes sampling (temperature > 0); ignored at temperature 0")
         self.model, self.drafter = model, drafter
         self.beam_width, self.beam_length = beam_width, beam_length
         self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
+        self.temperature, self.reference_compatible = temperature, reference_compatible
 
-    def step(self, state: DecodeState, stats: DecodeStats) -> None:
+    def step(self, state: DecodeState, stats: DecodeStats, generator: torch.Generator | None = None) -> None:
+        if self.temperature > 0.0:
+            from eval.sampling import sampled_step  # eval.sampling imports this module: import at call time
+            return sampled_step(self, state, stats, generator)
         W, L = self.beam_width, self.beam_length
         # Greedy verification needs no drafter probabilities: skip keeping them.
         beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False)
@@ -257,8 +280,17 @@ class SpeculativeDecoder:
         active_B = commit(state, acc, write_at)
         stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
+                 generator: torch.Generator | None = None) -> GenerationResult:
+        """`generator` drives every random draw when temperature > 0 (None: torch's global RNG)."""
         stats = DecodeStats(self.beam_width, self.beam_length)
+        pick_next = argmax_token
+        if self.temperature > 0.0:
+            from eval.sampling import sample_from_logits  # see step()
+            pick_next = functools.partial(sample_from_logits, temperature=self.temperature, generator=generator)
+        elif generator is not None:
+            warnings.warn("generator is ignored at temperature 0 (greedy decoding draws nothing)")
         # A step uses at most W * L packed slots; a row may overshoot max_new_tokens by L - 1.
-        return _decode(self.model, prompts, max_new_tokens, eos_token_id, self.step, stats,
-                       step_slots=self.beam_width * self.beam_length + self.beam_length)
+        return _decode(self.model, prompts, max_new_tokens, eos_token_id,
+                       lambda state, stats: self.step(state, stats, generator), stats,
+                       step_slots=self.beam_width * self.beam_length + self.beam_length, pick_next=pick_next)

@@ -1,0 +1,183 @@
+"""draftforge: teacher -> train -> eval/gate -> export, in one command.
+
+    python -m pipeline.main recipe=tiny                         # laptop / CI: local Ray, CPU, W&B offline
+    python -m pipeline.main recipe=tiny --print-config          # resolved config, then exit
+    python -m pipeline.main recipe=tiny --dry-run               # validate everything, show the plan, do nothing
+    python -m pipeline.main recipe=tiny train.epochs=1 eval.num_prompts=8   # dotted overrides
+    ray job submit -- python -m pipeline.main recipe=llama70b   # on a cluster
+
+Every stage is resumable: re-running the same command skips finished work (teacher shards,
+training checkpoints, the eval record) and redoes only what is missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, available_recipes, load_config, to_dict, to_yaml
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"recipes: {', '.join(available_recipes())}",
+    )
+    ap.add_argument("overrides", nargs="*", help="recipe=NAME and dotted key=value overrides")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--dry-run", action="store_true", help="validate config, model and data; print the plan; run nothing")
+    args = ap.parse_args(argv)
+    return args, args.overrides
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).resolve() / cfg.run.name
+
+
+def dry_run(cfg: Config, run_dir: Path) -> None:
+    """Check what can be checked without doing the work: model + tokenizer load, prompts load."""
+    from data.prompts import load_prompts
+    from pipeline.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    print(f"base model: {cfg.model.base_model} (tokenizer: {len(tokenizer)} tokens) - ok")
+    for split in ("train", "eval"):
+        source = getattr(cfg.data, split)
+        prompts = load_prompts(source, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+        n = min(len(prompts), cfg.eval.num_prompts) if split == "eval" and cfg.eval.num_prompts else len(prompts)
+        print(f"{split} prompts: {source.path} -> {n} prompts - ok")
+    for stage in cfg.run.stages:
+        marker = {"teacher": run_dir / "teacher" / "manifest.json", "train": run_dir / "train" / "drafter",
+                  "eval": run_dir / "eval" / "eval_record.json"}[stage]
+        state = "has output (will be verified and reused if inputs match)" if marker.exists() else "to run"
+        print(f"stage {stage}: {state}")
+    print(f"outputs: {run_dir}\ndry run: nothing was run")
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.run.num_cpus or None, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = run_dir_of(cfg)
+    print("=== resolved config ===\n" + to_yaml(cfg))
+    if args.print_config:
+        return 0
+    try:
+        if args.dry_run:
+            dry_run(cfg, run_dir)
+            return 0
+        summary = run_pipeline(cfg, run_dir)
+    except ValueError as e:  # user errors: bad model path, bad data, mismatched inputs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+def run_pipeline(cfg: Config, run_dir: Path) -> dict:
+    from pipeline.base_model import base_model_fingerprint
+    from pipeline.lineage import code_version, hash_json
+    from pipeline.tracking import open_run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+    init_ray(cfg)
+    tracker = open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-pipeline", job_type="pipeline",
+                       group=cfg.run.name, config=to_dict(cfg))
+    times: dict[str, float] = {}
+    summary: dict = {"run_dir": str(run_dir), "stage_seconds": times}
+    try:
+        if "teacher" in cfg.run.stages:
+            from pipeline.teacher import run_teacher
+
+            t = time.time()
+            manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run_dir / "teacher", seed=cfg.run.seed)
+            times["teacher"] = time.time() - t
+            tracker.log({"teacher/sequences": manifest["num_sequences"], "teacher/tokens": manifest["num_tokens"],
+                         "teacher/seconds": times["teacher"]})
+        if "train" in cfg.run.stages:
+            from pipeline.train import run_train
+
+            t = time.time()
+            train_result = run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, run_dir / "teacher",
+                                     run_dir / "train", seed=cfg.run.seed, wandb_group=cfg.run.name,
+                                     wandb_dir=run_dir)
+            times["train"] = time.time() - t
+            summary["train"] = train_result
+            tracker.log({"train/seconds": times["train"]})
+        if "eval" in cfg.run.stages:
+            from eval.evaluate import run_eval
+            from pipeline.gate import decide, publish
+
+            t = time.time()
+            drafter_dir = run_dir / "train" / "drafter"
+            if not (drafter_dir / "drafter.safetensors").is_file():
+                raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")
+            record = run_eval(cfg.model, cfg.data, cfg.eval, drafter_dir, run_dir / "eval")
+            times["eval"] = time.time() - t
+            decision = decide(record, cfg.gate)
+            teacher_manifest = run_dir / "teacher" / "manifest.json"
+            lineage = {
+                "base_model": cfg.model.base_model,
+                "base_model_hash": base_model_fingerprint(cfg.model),
+                "teacher_manifest_hash": hash_json(json.loads(teacher_manifest.read_text()))
+                if teacher_manifest.is_file() else None,
+                "recipe": to_dict(cfg), "code_version": code_version(),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            export_dir = publish(decision, drafter_dir, record, lineage, run_dir / "export", tracker,
+                                 artifact_name=f"drafter-{cfg.run.name}")
+            tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+            tracker.summary.update({"tokens_per_step": record["tokens_per_step"], "speedup": record["speedup"],
+                                    "lossless": record["lossless"], "promoted": decision["promoted"]})
+            summary.update(record=record, decision=decision, export_dir=str(export_dir))
+    finally:
+        summary["wandb"] = tracker_location(tracker)
+        tracker.finish()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def tracker_location(tracker) -> str:
+    run_dir = getattr(tracker, "dir", None) or getattr(getattr(tracker, "settings", None), "sync_dir", None)
+    return str(run_dir) if run_dir else "disabled"
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== draftforge summary ===")
+    times = summary.get("stage_seconds", {})
+    if times:
+        print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    if "record" in summary:
+        r, d = summary["record"], summary["decision"]
+        print(f"tokens/step (tau): {r['tokens_per_step']:.2f}  "
+              f"(W={r['beam_width']}, L={r['beam_length']}, {r['num_prompts']} prompts)")
+        print(f"speedup vs plain greedy: {r['speedup']:.2f}x ± {r['speedup_ci95']:.2f} "
+              f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
+        print(f"lossless: {r['lossless']}")
+        print(f"{'PROMOTED' if d['promoted'] else 'NOT promoted (kept as candidate)'}: {d['reason']}")
+        print(f"drafter: {summary['export_dir']}")
+    print(f"W&B run: {summary.get('wandb')}")
+    print(f"run directory: {summary['run_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

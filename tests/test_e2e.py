@@ -1,0 +1,108 @@
+"""End to end: a real `ray start --head`, then `launch/submit.sh` (`ray job submit`) runs
+`python -m pipeline.main recipe=tiny`, scaled down by overrides, through real Ray Data, Ray Train,
+DeepSpeed and W&B (offline). A second submission of the same command must reuse every stage.
+
+    python -m pytest tests/test_e2e.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import read_offline_run
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+SCALED_DOWN = [
+    "recipe=tiny", "run.name=e2e",
+    "data.train.limit=24", "teacher.max_new_tokens=24", "teacher.shard_size=6", "teacher.batch_size=6",
+    "train.epochs=1", "train.batch_size=4", "train.log_every=2", "train.checkpoint_every=3",
+    "eval.num_prompts=3", "eval.max_new_tokens=24", "eval.repeats=1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A real single-node Ray cluster started with `ray start --head`, stopped afterwards."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    dash = _free_port()
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(env: dict, out: Path) -> str:
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "submit.sh"), *SCALED_DOWN, f"run.output_dir={out}"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "succeeded" in log.lower(), log[-6000:]
+    return log
+
+
+@pytest.mark.e2e
+def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
+    log = _submit(ray_cluster, tmp_path)
+    run = tmp_path / "e2e"
+    assert "=== draftforge summary ===" in log
+
+    # teacher: shards + manifest whose checksums hold
+    manifest = json.loads((run / "teacher" / "manifest.json").read_text())
+    assert manifest["num_sequences"] == 24 and len(manifest["shards"]) == 4
+    assert all((run / "teacher" / "shards" / s["name"]).is_file() for s in manifest["shards"])
+
+    # train: Ray Train checkpoints and the final drafter
+    checkpoints = list((run / "train").rglob("checkpoint_*"))
+    assert checkpoints, "no Ray Train checkpoint written"
+    assert (run / "train" / "drafter" / "drafter.safetensors").is_file()
+
+    # eval record with the spec's metrics, measured (not defaults)
+    record = json.loads((run / "eval" / "eval_record.json").read_text())
+    assert record["lossless"] is True
+    assert 1.0 <= record["tokens_per_step"] <= record["beam_length"]
+    assert record["plain_tokens_per_s"] > 0 and record["speedup"] > 0
+
+    # gate: promoted or candidate, always with the reason and the reference-format drafter
+    kind = "promoted" if (run / "export" / "promoted").exists() else "candidate"
+    export = run / "export" / kind
+    decision = json.loads((export / "decision.json").read_text())
+    assert decision["promoted"] == (kind == "promoted") and decision["reason"]
+    assert sorted(p.name for p in (export / "drafter").iterdir()) == ["config.json", "model.safetensors"]
+    lineage = json.loads((export / "lineage.json").read_text())
+    assert lineage["base_model_hash"] and lineage["teacher_manifest_hash"] and lineage["code_version"]
+
+    # W&B offline runs: the pipeline run and the training run, with logged metrics
+    runs = [read_offline_run(p.parent) for p in (run / "wandb").rglob("run-*.wandb")]
+    keys = set().union(*(r["summary"] for r in runs)) if runs else set()
+    assert "tokens_per_step" in keys and any(k.startswith("train/") for k in keys), keys
+    aliases = {a for r in runs for art in r["artifacts"] for a in art["aliases"]}
+    assert kind in aliases, aliases
+
+    # the same command again: every stage is reused, nothing redone
+    shard_mtimes = {p: p.stat().st_mtime for p in (run / "teacher" / "shards").iterdir()}
+    log2 = _submit(ray_cluster, tmp_path)
+    assert {p: p.stat().st_mtime for p in (run / "teacher" / "shards").iterdir()} == shard_mtimes
+    assert "reusing" in log2

@@ -1,0 +1,36 @@
+"""The repo's promises to a new user: README commands == CI commands; launch scripts are valid."""
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _commands(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+            and not line.startswith(("set ", "cd "))]
+
+
+def test_ci_runs_exactly_the_readme_setup_and_test_commands():
+    ci = _commands((REPO / ".ci" / "run").read_text())
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    setup, test, run = _commands(quick_start)
+    assert ci == [setup, test]
+    assert "pytest" in test and "pipeline.main recipe=tiny" in run
+
+
+def test_launch_scripts_parse_and_their_python_targets_exist():
+    for script in (REPO / "launch").glob("*.sh"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        for module in re.findall(r"python -m ([\w.]+)", script.read_text()):
+            assert importlib.util.find_spec(module) is not None, f"{script.name} calls missing {module}"
+
+
+def test_tiny_base_model_is_committed_and_small():
+    model_dir = REPO / "data" / "tiny_base"
+    weights = list(model_dir.glob("*.safetensors"))
+    assert weights and sum(w.stat().st_size for w in weights) < 25 * 2**20
+    assert (model_dir / "README.md").is_file() and (model_dir / "tokenizer.json").is_file()
