@@ -7,17 +7,15 @@ same process, interleaved repeats. Writes eval_record.json and eval.png into the
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from data.prompts import load_prompts
-from eval.decoder import GenerationResult, SpeculativeDecoder, plain_greedy
-from eval.metrics import DecodeStats
+from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.compare import compare
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter, DrafterArch
@@ -39,37 +37,44 @@ def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> D
     return drafter.to(base_model.device, dtype).eval()
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def eval_set_key(data_cfg: DataConfig, eval_cfg: EvalConfig) -> str:
+    """Identifies 'the same eval set' for comparing with an incumbent: source, selection, lengths."""
+    return hash_json({"source": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens,
+                      "chat_template": data_cfg.chat_template, "num_prompts": eval_cfg.num_prompts,
+                      "max_new_tokens": eval_cfg.max_new_tokens})
 
 
-def _run(decode, prompts: list[list[int]], batch_size: int, desc: str) -> tuple[list[list[int]], DecodeStats, float]:
-    tokens, stats, seconds = [], [], 0.0
-    for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False, unit="batch"):
-        result: GenerationResult = decode(batch)
-        tokens += result.tokens
-        stats.append(result.stats)
-        seconds += result.seconds
-    return tokens, DecodeStats.merge(stats), seconds
+def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbent=None) -> dict:
+    """name -> (batch of token lists -> GenerationResult). 'plain' is the baseline."""
+    from eval.baselines import lookahead_generate, prompt_lookup_generate
 
-
-def _mean_ci(xs: list[float]) -> tuple[float, float]:
-    """mean and the half-width of a normal-approximation 95% interval (0 for one sample)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return m, 1.96 * sd / math.sqrt(len(xs))
+    W, L, n = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens
+    candidate = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L)
+    methods = {
+        "plain": lambda b: plain_greedy(model, b, n, eos),
+        "redrafter": lambda b: candidate.generate(b, n, eos),
+    }
+    if incumbent is not None:
+        inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L)
+        methods["incumbent"] = lambda b: inc.generate(b, n, eos)
+    for name in eval_cfg.baselines:
+        if name == "prompt_lookup":
+            methods[name] = lambda b: prompt_lookup_generate(model, b, n, eos)
+        elif name == "lookahead":
+            methods[name] = lambda b: lookahead_generate(model, b, n, eos)
+    return methods
 
 
 @torch.inference_mode()
 def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, drafter_dir: Path,
-             out_dir: Path) -> dict:
+             out_dir: Path, incumbent_dir: Path | None = None) -> dict:
+    """Measure the trained drafter (and the incumbent export, when given, re-measured here on the
+    same prompts) against plain greedy decoding and the training-free baselines."""
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": vars(eval_cfg).copy(),
               "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
-              "model": vars(model_cfg)}
+              "model": vars(model_cfg),
+              "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}
     record_path = out_dir / "eval_record.json"
     if record_path.is_file():
         done = json.loads(record_path.read_text())
@@ -79,56 +84,38 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if eval_cfg.num_threads:
         torch.set_num_threads(eval_cfg.num_threads)
     model, tokenizer = load_base_model(model_cfg, device=eval_cfg.device, dtype=eval_cfg.dtype)
-    dtype = model.dtype
-    drafter = load_trained_drafter(drafter_dir, model, dtype)
+    drafter = load_trained_drafter(drafter_dir, model, model.dtype)
+    incumbent = None
+    if incumbent_dir is not None:
+        from pipeline.export import load_exported
+
+        incumbent = load_exported(incumbent_dir, input_embeddings(model), model.dtype).to(model.device)
     prompts = load_prompts(data_cfg.eval, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
     if eval_cfg.num_prompts:
         prompts = prompts[: eval_cfg.num_prompts]
-    prompt_ids = [p.input_ids for p in prompts]
-    W, L, eos = eval_cfg.beam_width, eval_cfg.beam_length, tokenizer.eos_token_id
-    decoder = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L)
-
-    def spec(batch):
-        return decoder.generate(batch, eval_cfg.max_new_tokens, eos)
-
-    def plain(batch):
-        return plain_greedy(model, batch, eval_cfg.max_new_tokens, eos)
-
-    # warm-up (allocator, first-call overheads) on one prompt, not timed
-    spec(prompt_ids[:1]), plain(prompt_ids[:1])
-    spec_tps, plain_tps, speedups, mismatches = [], [], [], set()
-    spec_stats = None
+    methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
+    for fn in methods.values():  # warm-up (allocator, first-call overheads), not timed
+        fn([prompts[0].input_ids])
     t0 = time.time()
-    for rep in range(eval_cfg.repeats):
-        # alternate which goes first so drift (thermal, other load) does not favour one side
-        order = [("spec", spec), ("plain", plain)] if rep % 2 == 0 else [("plain", plain), ("spec", spec)]
-        outs = {}
-        for name, fn in order:
-            outs[name] = _run(fn, prompt_ids, eval_cfg.batch_size, f"eval {name} {rep + 1}/{eval_cfg.repeats}")
-        (s_tok, s_stats, s_sec), (p_tok, _, p_sec) = outs["spec"], outs["plain"]
-        n_tokens = sum(len(t) for t in p_tok)
-        mismatches |= {prompts[i].id for i, (a, b) in enumerate(zip(s_tok, p_tok)) if a != b}
-        spec_tps.append(sum(len(t) for t in s_tok) / s_sec)
-        plain_tps.append(n_tokens / p_sec)
-        speedups.append(spec_tps[-1] / plain_tps[-1])
-        spec_stats = s_stats if spec_stats is None else spec_stats
-    speedup, speedup_ci = _mean_ci(speedups)
-    stats = spec_stats.to_dict()
+    results = compare(methods, prompts, eval_cfg.batch_size, eval_cfg.repeats)
+    ours = results["redrafter"]
     record = {
         "inputs_hash": hash_json(inputs),
+        "eval_set_hash": hash_json([(p.id, p.input_ids) for p in prompts]),
         "num_prompts": len(prompts),
-        "beam_width": W, "beam_length": L, "batch_size": eval_cfg.batch_size,
+        "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
-        "torch_threads": torch.get_num_threads(),
-        "lossless": not mismatches, "mismatched_prompts": sorted(mismatches),
-        "tokens_per_step": stats["tokens_per_step"],
-        "acceptance_per_position": stats["acceptance_per_position"],
-        "verified_tokens_per_step": stats["verified_tokens_per_step"],
-        "verified_fraction_of_WL": stats["verified_fraction_of_WL"],
-        "spec_tokens_per_s": sum(spec_tps) / len(spec_tps),
-        "plain_tokens_per_s": sum(plain_tps) / len(plain_tps),
-        "speedup": speedup, "speedup_ci95": speedup_ci, "speedup_per_repeat": speedups,
-        "decode_stats": stats,
+        "torch_threads": torch.get_num_threads(), "repeats": eval_cfg.repeats,
+        "lossless": ours["lossless"], "mismatched_prompts": ours["mismatched_prompts"],
+        "tokens_per_step": ours["tokens_per_step"],
+        "acceptance_per_position": ours["acceptance_per_position"],
+        "verified_tokens_per_step": ours["verified_tokens_per_step"],
+        "verified_fraction_of_WL": ours["verified_fraction_of_WL"],
+        "spec_tokens_per_s": ours["tokens_per_s"], "plain_tokens_per_s": results["plain"]["tokens_per_s"],
+        "speedup": ours["speedup"], "speedup_ci95": ours["speedup_ci95"],
+        "speedup_per_repeat": ours["speedup_per_repeat"],
+        "decode_stats": ours["decode_stats"],
+        "methods": {k: {kk: vv for kk, vv in v.items() if kk != "decode_stats"} for k, v in results.items()},
         "seconds": time.time() - t0,
     }
     plot_record(record, out_dir / "eval.png")

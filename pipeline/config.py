@@ -105,6 +105,7 @@ class EvalConfig:
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
+    baselines: list[str] = field(default_factory=lambda: ["prompt_lookup", "lookahead"])  # training-free
 
 
 @dataclass
@@ -112,6 +113,10 @@ class GateConfig:
     min_tokens_per_step: float = 1.5
     min_speedup: float = 1.0
     require_lossless: bool = True
+    beat_training_free: bool = True  # a drafter slower than prompt lookup / lookahead has no reason to ship
+    beat_incumbent: bool = True  # tau and speedup must beat the promoted drafter by more than the noise
+    max_category_regression: float = 0.05  # largest relative tau drop allowed in any prompt category
+    registry_dir: str = ""  # where promoted drafters are recorded; "" = <run.output_dir>/registry
 
 
 @dataclass
@@ -197,6 +202,11 @@ def _value_problems(cfg: Config) -> list[str]:
         section, key = dotted.split(".")
         if flat[section][key] not in choices:
             p.append(f"bad value for '{dotted}': {flat[section][key]!r}; choose one of {', '.join(choices)}")
+    for b in cfg.eval.baselines:
+        if b not in ("prompt_lookup", "lookahead"):
+            p.append(f"bad value in 'eval.baselines': {b!r}; baselines are prompt_lookup, lookahead")
+    if cfg.gate.beat_training_free and not cfg.eval.baselines:
+        p.append("'gate.beat_training_free' needs at least one entry in 'eval.baselines'")
     for s in cfg.run.stages:
         if s not in ("teacher", "train", "eval"):
             p.append(f"bad value in 'run.stages': {s!r}; stages are teacher, train, eval")

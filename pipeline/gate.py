@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -18,23 +19,85 @@ from pipeline.export import export_drafter
 from pipeline.tracking import log_artifact
 
 
+def _rule(name: str, value, threshold, passed: bool) -> dict:
+    return {"rule": name, "value": value, "threshold": threshold, "passed": bool(passed)}
+
+
 def decide(record: dict, gate: GateConfig) -> dict:
+    """Every rule with its measured value; promoted only if all pass. Speedups from one eval run
+    (interleaved repeats, same process); 'beats X' means by more than both 95% intervals together."""
+    methods = record.get("methods", {})
+    ours = methods.get("redrafter", {"speedup": record["speedup"], "speedup_ci95": record["speedup_ci95"],
+                                     "tokens_per_step": record["tokens_per_step"]})
     rules = [
-        {"rule": "lossless", "value": record["lossless"], "threshold": gate.require_lossless,
-         "passed": record["lossless"] or not gate.require_lossless},
-        {"rule": "min_tokens_per_step", "value": record["tokens_per_step"], "threshold": gate.min_tokens_per_step,
-         "passed": record["tokens_per_step"] >= gate.min_tokens_per_step},
-        {"rule": "min_speedup", "value": record["speedup"], "threshold": gate.min_speedup,
-         "passed": record["speedup"] >= gate.min_speedup},
+        _rule("lossless", record["lossless"], gate.require_lossless, record["lossless"] or not gate.require_lossless),
+        _rule("min_tokens_per_step", record["tokens_per_step"], gate.min_tokens_per_step,
+              record["tokens_per_step"] >= gate.min_tokens_per_step),
+        _rule("min_speedup", record["speedup"], gate.min_speedup, record["speedup"] >= gate.min_speedup),
     ]
+    free = {k: v for k, v in methods.items() if k in ("prompt_lookup", "lookahead")}
+    if gate.beat_training_free and free:
+        best = max(free, key=lambda k: free[k]["speedup"])
+        margin = free[best]["speedup"] + free[best]["speedup_ci95"] + ours["speedup_ci95"]
+        rules.append(_rule("beats_training_free", ours["speedup"], f"{best} {free[best]['speedup']:.3f} + noise",
+                           ours["speedup"] > margin))
+    inc = methods.get("incumbent")
+    if gate.beat_incumbent and inc is not None:
+        # tau of greedy decoding is deterministic: any increase is real; speedup must clear the noise
+        rules.append(_rule("beats_incumbent_tau", ours["tokens_per_step"], inc["tokens_per_step"],
+                           ours["tokens_per_step"] > inc["tokens_per_step"]))
+        margin = inc["speedup"] + inc["speedup_ci95"] + ours["speedup_ci95"]
+        rules.append(_rule("beats_incumbent_speedup", ours["speedup"], f"{inc['speedup']:.3f} + noise",
+                           ours["speedup"] > margin))
+        worst = _worst_category_drop(ours.get("by_category", {}), inc.get("by_category", {}))
+        if worst is not None:
+            rules.append(_rule("category_regression", worst, gate.max_category_regression,
+                               worst[1] <= gate.max_category_regression))
     failed = [r for r in rules if not r["passed"]]
-    if failed:
-        reason = "; ".join(f"{r['rule']}: measured {_fmt(r['value'])}, required {_fmt(r['threshold'])}"
-                           for r in failed)
-    else:
-        reason = "all rules passed"
+    reason = "; ".join(f"{r['rule']}: measured {_fmt(r['value'])}, required {_fmt(r['threshold'])}"
+                       for r in failed) or "all rules passed"
     return {"promoted": not failed, "decided_by": failed[0]["rule"] if failed else "all rules passed",
             "reason": reason, "rules": rules}
+
+
+def _worst_category_drop(ours: dict, inc: dict):
+    """(category, relative tau drop vs the incumbent) for the worst category, None without categories."""
+    drops = [(c, (inc[c]["tokens_per_step"] - ours[c]["tokens_per_step"]) / inc[c]["tokens_per_step"])
+             for c in ours if c in inc and inc[c]["tokens_per_step"]]
+    return max(drops, key=lambda d: d[1]) if drops else None
+
+
+def registry_entry(registry_dir: Path, base_model_hash: str, eval_set_hash: str) -> Path:
+    """The incumbent record for one base model on one eval set."""
+    return registry_dir / base_model_hash[:16] / eval_set_hash[:16] / "incumbent.json"
+
+
+def find_incumbent(registry_dir: Path, base_model_hash: str, eval_set_hash: str, candidate_sha256: str) -> Path | None:
+    """The exported drafter directory of the promoted incumbent, if there is one on disk and it is
+    not the candidate itself (a re-run of the run that promoted it)."""
+    entry = registry_entry(registry_dir, base_model_hash, eval_set_hash)
+    if not entry.is_file():
+        return None
+    info = json.loads(entry.read_text())
+    drafter = Path(info["drafter_dir"])
+    if info.get("candidate_sha256") == candidate_sha256 or not (drafter / "model.safetensors").is_file():
+        return None
+    return drafter
+
+
+def record_promotion(registry_dir: Path, base_model_hash: str, eval_set_hash: str, export_dir: Path,
+                     record: dict, candidate_sha256: str) -> None:
+    """The newly promoted drafter becomes the incumbent; it is copied into the registry so that a
+    later run of the same recipe (which rewrites its own export dir) still has it to compare with."""
+    entry = registry_entry(registry_dir, base_model_hash, eval_set_hash)
+    keep = entry.parent / f"drafter-{candidate_sha256[:12]}"
+    if keep.exists():
+        shutil.rmtree(keep)
+    shutil.copytree(export_dir / "drafter", keep)
+    entry.write_text(json.dumps({"drafter_dir": str(keep), "export_dir": str(export_dir),
+                                 "candidate_sha256": candidate_sha256,
+                                 "tokens_per_step": record["tokens_per_step"], "speedup": record["speedup"],
+                                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
 
 
 def _fmt(v) -> str:

@@ -93,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(cfg: Config, run_dir: Path) -> dict:
-    from pipeline.base_model import base_model_fingerprint
-    from pipeline.lineage import code_version, hash_json
     from pipeline.tracking import open_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,36 +122,54 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
             summary["train"] = train_result
             tracker.log({"train/seconds": times["train"]})
         if "eval" in cfg.run.stages:
-            from eval.evaluate import run_eval
-            from pipeline.gate import decide, publish
-
-            t = time.time()
-            drafter_dir = run_dir / "train" / "drafter"
-            if not (drafter_dir / "drafter.safetensors").is_file():
-                raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")
-            record = run_eval(cfg.model, cfg.data, cfg.eval, drafter_dir, run_dir / "eval")
-            times["eval"] = time.time() - t
-            decision = decide(record, cfg.gate)
-            teacher_manifest = run_dir / "teacher" / "manifest.json"
-            lineage = {
-                "base_model": cfg.model.base_model,
-                "base_model_hash": base_model_fingerprint(cfg.model),
-                "teacher_manifest_hash": hash_json(json.loads(teacher_manifest.read_text()))
-                if teacher_manifest.is_file() else None,
-                "recipe": to_dict(cfg), "code_version": code_version(),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            export_dir = publish(decision, drafter_dir, record, lineage, run_dir / "export", tracker,
-                                 artifact_name=f"drafter-{cfg.run.name}")
-            tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-            tracker.summary.update({"tokens_per_step": record["tokens_per_step"], "speedup": record["speedup"],
-                                    "lossless": record["lossless"], "promoted": decision["promoted"]})
-            summary.update(record=record, decision=decision, export_dir=str(export_dir))
+            summary.update(evaluate_and_gate(cfg, run_dir, tracker, times))
     finally:
         summary["wandb"] = tracker_location(tracker)
         tracker.finish()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
+    """Eval (vs plain, the training-free baselines and the incumbent), gate, export, registry."""
+    from eval.evaluate import eval_set_key, run_eval
+    from pipeline.base_model import base_model_fingerprint
+    from pipeline.gate import decide, find_incumbent, publish, record_promotion
+    from pipeline.lineage import code_version, hash_json, sha256_file
+
+    t = time.time()
+    drafter_dir = run_dir / "train" / "drafter"
+    if not (drafter_dir / "drafter.safetensors").is_file():
+        raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")
+    candidate_sha = sha256_file(drafter_dir / "drafter.safetensors")
+    base_hash = base_model_fingerprint(cfg.model)
+    set_key = eval_set_key(cfg.data, cfg.eval)
+    registry = Path(cfg.gate.registry_dir or Path(cfg.run.output_dir) / "registry").resolve()
+    incumbent = find_incumbent(registry, base_hash, set_key, candidate_sha)
+    if incumbent is not None:
+        print(f"eval: comparing with the incumbent promoted drafter {incumbent}")
+    record = run_eval(cfg.model, cfg.data, cfg.eval, drafter_dir, run_dir / "eval", incumbent_dir=incumbent)
+    times["eval"] = time.time() - t
+    decision = decide(record, cfg.gate)
+    teacher_manifest = run_dir / "teacher" / "manifest.json"
+    lineage = {
+        "base_model": cfg.model.base_model, "base_model_hash": base_hash,
+        "teacher_manifest_hash": hash_json(json.loads(teacher_manifest.read_text()))
+        if teacher_manifest.is_file() else None,
+        "drafter_sha256": candidate_sha, "incumbent": str(incumbent) if incumbent else None,
+        "recipe": to_dict(cfg), "code_version": code_version(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    export_dir = publish(decision, drafter_dir, record, lineage, run_dir / "export", tracker,
+                         artifact_name=f"drafter-{cfg.run.name}")
+    if decision["promoted"]:
+        record_promotion(registry, base_hash, set_key, export_dir, record, candidate_sha)
+    tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+    tracker.log({f"eval/{m}/{k}": v for m, r in record["methods"].items() for k, v in r.items()
+                 if isinstance(v, (int, float))})
+    tracker.summary.update({"tokens_per_step": record["tokens_per_step"], "speedup": record["speedup"],
+                            "lossless": record["lossless"], "promoted": decision["promoted"]})
+    return {"record": record, "decision": decision, "export_dir": str(export_dir)}
 
 
 def tracker_location(tracker) -> str:
@@ -173,6 +189,10 @@ def print_summary(summary: dict) -> None:
         print(f"speedup vs plain greedy: {r['speedup']:.2f}x ± {r['speedup_ci95']:.2f} "
               f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
         print(f"lossless: {r['lossless']}")
+        print(f"  {'method':<14}{'tau':>6}{'tokens/s':>10}{'speedup':>16}  lossless")
+        for name, m in r.get("methods", {}).items():
+            print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
+                  f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:.2f}  {m['lossless']}")
         print(f"{'PROMOTED' if d['promoted'] else 'NOT promoted (kept as candidate)'}: {d['reason']}")
         print(f"drafter: {summary['export_dir']}")
     print(f"W&B run: {summary.get('wandb')}")
