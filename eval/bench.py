@@ -1,0 +1,177 @@
+"""Benchmark a trained drafter against plain greedy decoding and the training-free baselines.
+
+    python -m eval.bench --run-dir outputs/tiny
+    python -m eval.bench --run-dir outputs/tiny --widths 1,2,4,8 --lengths 3,4,5 --batch-sizes 1,4,8 --repeats 3
+
+Uses the run's resolved config (base model, eval prompts, lengths) and its trained drafter. In one
+process, with interleaved repeats (speedups are per repeat against plain greedy, then mean ± 95%):
+1. sweep (W, L): tau and speedup for every beam width and length -> the best setting for this device;
+2. at the best setting: redrafter, redrafter without tree attention, redrafter at beam width 1,
+   prompt lookup (transformers assisted generation), lookahead decoding;
+3. batch sizes: redrafter vs plain greedy at each batch size (ragged acceptance per row);
+4. a step profile of the best setting (eval/profile.py).
+Writes <out>/bench.json and <out>/bench.png, prints a table, and records the best setting in
+<run-dir>/eval/eval_record.json when one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from data.prompts import load_prompts
+from eval.baselines import lookahead_generate, prompt_lookup_generate
+from eval.compare import compare
+from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.evaluate import load_trained_drafter
+from eval.profile import profile_decoder
+from pipeline.base_model import load_base_model
+from pipeline.config import Config
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True, type=Path, help="a pipeline run directory (outputs/<name>)")
+    ap.add_argument("--widths", type=_ints, default=[1, 2, 4, 8])
+    ap.add_argument("--lengths", type=_ints, default=[3, 4, 5])
+    ap.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8])
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="0 = the run's eval.max_new_tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    ap.add_argument("--out", type=Path, default=None, help="default: <run-dir>/bench")
+    return ap.parse_args(argv)
+
+
+def _spec(model, drafter, W, L, n, eos, tree=True):
+    dec = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, tree_attention=tree)
+    return lambda batch: dec.generate(batch, n, eos)
+
+
+def _row(name: str, m: dict) -> str:
+    return (f"{name:<22}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
+            f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:<5.2f}{m.get('verified_tokens_per_step', 0) or 0:>9.1f}"
+            f"  {m['lossless']}")
+
+
+HEADER = f"{'method':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}{'verified':>9}  lossless"
+
+
+@torch.inference_mode()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
+                                                      OmegaConf.load(args.run_dir / "resolved_config.yaml")))
+    out = args.out or args.run_dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
+    drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
+    prompts = load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)[:args.num_prompts]
+    n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
+    plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
+    report: dict = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+                    "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
+
+    print(f"[1/4] sweep W in {args.widths} x L in {args.lengths}")
+    sweep_methods = {"plain": plain}
+    for W in args.widths:
+        for L in args.lengths:
+            sweep_methods[f"W{W}L{L}"] = _spec(model, drafter, W, L, n, eos)
+    sweep = compare(sweep_methods, prompts, 1, args.repeats)
+    best = max((k for k in sweep if k != "plain"), key=lambda k: sweep[k]["speedup"])
+    W, L = int(best[1:best.index("L")]), int(best[best.index("L") + 1:])
+    report["sweep"] = {k: _slim(v) for k, v in sweep.items()}
+    report["best_setting"] = {"beam_width": W, "beam_length": L, "speedup": sweep[best]["speedup"],
+                              "tokens_per_step": sweep[best]["tokens_per_step"]}
+
+    print(f"[2/4] baselines at the best setting W={W} L={L}")
+    methods = {"plain": plain, "redrafter": _spec(model, drafter, W, L, n, eos),
+               "redrafter_no_tree": _spec(model, drafter, W, L, n, eos, tree=False),
+               "redrafter_W1": _spec(model, drafter, 1, L, n, eos),
+               "prompt_lookup": lambda b: prompt_lookup_generate(model, b, n, eos),
+               "lookahead": lambda b: lookahead_generate(model, b, n, eos)}
+    report["methods"] = {k: _slim(v) for k, v in compare(methods, prompts, 1, args.repeats).items()}
+
+    print(f"[3/4] batch sizes {args.batch_sizes}")
+    report["batches"] = {}
+    for bs in args.batch_sizes:
+        r = compare({"plain": plain, "redrafter": _spec(model, drafter, W, L, n, eos)}, prompts, bs, args.repeats)
+        report["batches"][bs] = _slim(r["redrafter"]) | {"plain_tokens_per_s": r["plain"]["tokens_per_s"]}
+
+    print("[4/4] step profile")
+    report["profile"] = profile_decoder(SpeculativeDecoder(model, drafter, W, L), [p.input_ids for p in prompts[:6]], n, eos)
+
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_bench(report, args.widths, args.lengths, out / "bench.png")
+    record_path = args.run_dir / "eval" / "eval_record.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        record["best_setting"] = report["best_setting"] | {"device": report["device"], "threads": report["threads"]}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print_report(report)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return report
+
+
+def _slim(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "decode_stats"}
+
+
+def print_report(report: dict) -> None:
+    print(f"\n== sweep ({report['device']}, {report['threads']} threads, {report['num_prompts']} prompts, "
+          f"{report['max_new_tokens']} new tokens, {report['repeats']} interleaved repeats) ==\n{HEADER}")
+    for k, v in report["sweep"].items():
+        print(_row(k, v))
+    b = report["best_setting"]
+    print(f"best: W={b['beam_width']} L={b['beam_length']}\n\n== methods at the best setting ==\n{HEADER}")
+    for k, v in report["methods"].items():
+        print(_row(k, v))
+    print(f"\n== batch sizes (redrafter vs plain at the same batch size) ==\n{'batch':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}")
+    for bs, v in report["batches"].items():
+        print(f"{bs:<22}{v['tokens_per_step']:>6.2f}{v['tokens_per_s']:>10.0f}{v['speedup']:>9.2f}x ±{v['speedup_ci95']:.2f}")
+    p = report["profile"]
+    print(f"\n== step profile W={p['beam_width']} L={p['beam_length']}: {p['spec_step_ms']:.2f} ms/step "
+          f"(plain step {p['plain_step_ms']:.2f} ms), tau {p['tokens_per_step']:.2f} ==")
+    for phase, ms in p["ms_per_step"].items():
+        print(f"  {phase:<20}{ms:>7.2f} ms  {100 * p['share'][phase]:>5.1f}%")
+
+
+def plot_bench(report: dict, widths: list[int], lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for L in lengths:
+        rows = [report["sweep"][f"W{W}L{L}"] for W in widths]
+        ax1.errorbar(widths, [r["speedup"] for r in rows], yerr=[r["speedup_ci95"] for r in rows],
+                     marker="o", capsize=3, label=f"redrafter L={L}")
+        ax2.plot(widths, [r["tokens_per_step"] for r in rows], marker="o", label=f"redrafter L={L}")
+    for name, style in (("prompt_lookup", "--"), ("lookahead", ":")):
+        m = report["methods"][name]
+        ax1.axhline(m["speedup"], linestyle=style, color="gray", label=name)
+        ax2.axhline(m["tokens_per_step"], linestyle=style, color="gray", label=name)
+    ax1.axhline(1.0, color="black", linewidth=0.8)
+    ax1.set(xscale="log", xticks=widths, xticklabels=widths, xlabel="beam width W", ylabel="speedup vs plain greedy")
+    ax2.set(xscale="log", xticks=widths, xticklabels=widths, xlabel="beam width W", ylabel="tau (tokens/step)")
+    ax1.legend(fontsize=7)
+    fig.suptitle(f"{report['device']} {report['dtype']}, {report['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

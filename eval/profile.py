@@ -1,0 +1,89 @@
+"""Where a greedy speculative step spends its time: the decoder's own building blocks, timed one by one.
+
+    python -m eval.bench --run-dir outputs/tiny      # prints this breakdown for the best (W, L)
+
+Phases: drafter (beam search), packing (tree dedup + mask + positions), base forward (one forward
+over the packed tokens incl. lm_head), acceptance (verify + choose beam), cache bookkeeping (K/V
+copy of the accepted path, pointer and token lists). On CUDA each phase is synchronized first, so
+the numbers are wall-clock per phase, not launch times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from eval.beam import draft
+from eval.decoder import (DecodeState, SpeculativeDecoder, accept, attention_bias, base_forward, commit,
+                          prefill, verify)
+from eval.metrics import DecodeStats
+from eval.tree import pack_tree
+
+PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync()
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.t
+        self.t = now
+
+
+def _profiled_step(dec: SpeculativeDecoder, state: DecodeState, stats: DecodeStats, clock: _Clock) -> None:
+    beams = draft(dec.drafter, state.h_BD, state.g0_B, dec.beam_width, dec.beam_length, keep_log_probs=False)
+    clock.lap("drafter")
+    tree = pack_tree(beams.tokens_BWL, dedup=dec.tree_attention)
+    write_at = int(state.ctx_B.max())
+    bias = attention_bias(state.ctx_B, tree.tree_mask_BPP, write_at, state.cache.get_max_length(), dec.model.dtype)
+    position_ids_BP = state.ctx_B[:, None] + tree.depth_BP
+    clock.lap("packing")
+    hidden_BPD, logits_BPV = base_forward(dec.model, state.cache, tree.tokens_BP, position_ids_BP, bias, write_at)
+    clock.lap("base_forward")
+    accept_len_BW, pred_BWL = verify(logits_BPV, beams.tokens_BWL, tree.unpacker_BWL)
+    acc = accept(accept_len_BW, pred_BWL, beams.tokens_BWL, tree.unpacker_BWL, hidden_BPD)
+    clock.lap("acceptance")
+    active_B = commit(state, acc, write_at)
+    stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+    clock.lap("cache_bookkeeping")
+
+
+@torch.inference_mode()
+def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: int,
+                    eos_token_id: int | None) -> dict:
+    """Per-phase milliseconds per step (and share of the step) over greedy decoding of `prompts`,
+    one prompt at a time, plus the plain greedy step time on the same prompts for reference."""
+    clock = _Clock(dec.model.device)
+    stats = DecodeStats(dec.beam_width, dec.beam_length)
+    steps = 0
+    slots = dec.beam_width * dec.beam_length + dec.beam_length
+    plain_seconds, plain_steps = 0.0, 0
+    from eval.decoder import plain_greedy
+
+    for prompt in prompts:
+        state = prefill(dec.model, [prompt], len(prompt) + max_new_tokens + slots, max_new_tokens, eos_token_id)
+        clock.lap("prefill")
+        while not bool(state.done_B.all()):
+            _profiled_step(dec, state, stats, clock)
+            steps += 1
+        plain = plain_greedy(dec.model, [prompt], max_new_tokens, eos_token_id)
+        plain_seconds += plain.seconds
+        plain_steps += plain.stats.num_forwards
+        clock.t = time.perf_counter()
+    total = sum(clock.seconds[p] for p in PHASES)
+    return {
+        "steps": steps, "beam_width": dec.beam_width, "beam_length": dec.beam_length,
+        "tokens_per_step": stats.tokens_per_step,
+        "ms_per_step": {p: 1e3 * clock.seconds[p] / steps for p in PHASES},
+        "share": {p: clock.seconds[p] / total for p in PHASES},
+        "spec_step_ms": 1e3 * total / steps,
+        "plain_step_ms": 1e3 * plain_seconds / max(plain_steps, 1),
+    }
