@@ -1,0 +1,24 @@
+"""The step profiler times the decoder's own phases and sees the same acceptance as the decoder."""
+
+import pytest
+import torch
+
+from eval.decoder import SpeculativeDecoder
+from eval.profile import PHASES, profile_decoder
+from pipeline.drafter import build_drafter, make_arch
+from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
+
+
+@pytest.mark.parametrize("W,L", [(1, 3), (4, 5)])
+def test_profile_matches_decoder(W, L):
+    model = tiny_llama("sdpa")
+    cfg = model.config
+    drafter = build_drafter(make_arch(cfg.vocab_size, cfg.hidden_size), model.get_input_embeddings().weight.detach())
+    prompts = [[3, 5, 7, 9], [11, 2, 4]]
+    dec = SpeculativeDecoder(model, drafter, W, L)
+    prof = profile_decoder(dec, prompts, max_new_tokens=12, eos_token_id=None)
+    expected = sum(dec.generate([p], 12, None).stats.num_forwards for p in prompts)
+    assert prof["steps"] == expected
+    assert set(prof["ms_per_step"]) == set(PHASES) and all(v > 0 for v in prof["ms_per_step"].values())
+    assert abs(sum(prof["share"].values()) - 1.0) < 1e-9
+    assert prof["plain_step_ms"] > 0 and 1.0 <= prof["tokens_per_step"] <= L
