@@ -1,0 +1,38 @@
+"""compare(): speedups against plain in the same repeat, losslessness token for token, categories."""
+
+import dataclasses
+
+from data.prompts import Prompt
+from eval.compare import compare, mean_ci95
+from eval.decoder import SpeculativeDecoder, plain_greedy
+from pipeline.drafter import build_drafter, make_arch
+from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
+
+
+def test_compare_reports_every_method_and_catches_a_lossy_one():
+    model = tiny_llama("sdpa")
+    cfg = model.config
+    drafter = build_drafter(make_arch(cfg.vocab_size, cfg.hidden_size), model.get_input_embeddings().weight.detach())
+    dec = SpeculativeDecoder(model, drafter, 2, 3)
+    prompts = [Prompt(id=f"p{i}", text="", input_ids=[3 + i, 7, 9 + i], category="ab"[i % 2]) for i in range(4)]
+
+    def lossy(batch):  # a decoder that changes one token of the first prompt
+        result = plain_greedy(model, batch, 8, None)
+        if batch[0] == prompts[0].input_ids:
+            result = dataclasses.replace(result, tokens=[[t + 1 for t in result.tokens[0]]] + result.tokens[1:])
+        return result
+
+    methods = {"plain": lambda b: plain_greedy(model, b, 8, None), "redrafter": lambda b: dec.generate(b, 8, None),
+               "lossy": lossy}
+    out = compare(methods, prompts, batch_size=1, repeats=2, progress=False)
+    assert out["plain"]["speedup"] == 1.0 and out["plain"]["speedup_ci95"] == 0.0
+    assert out["redrafter"]["lossless"] and len(out["redrafter"]["speedup_per_repeat"]) == 2
+    assert not out["lossy"]["lossless"] and out["lossy"]["mismatched_prompts"] == ["p0"]
+    assert set(out["redrafter"]["by_category"]) == {"a", "b"}
+    assert 1.0 <= out["redrafter"]["by_category"]["a"]["tokens_per_step"] <= 3
+
+
+def test_mean_ci95():
+    assert mean_ci95([2.0]) == (2.0, 0.0)
+    m, ci = mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(ci - 4.30 * 1.0 / 3 ** 0.5) < 1e-9
