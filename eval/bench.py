@@ -166,6 +166,8 @@ def plot_bench(report: dict, widths: list[int], lengths: list[int], path: Path) 
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.set(xscale="log", xticks=widths, xticklabels=widths, xlabel="beam width W", ylabel="speedup vs plain greedy")
     ax2.set(xscale="log", xticks=widths, xticklabels=widths, xlabel="beam width W", ylabel="tau (tokens/step)")
+    for ax in (ax1, ax2):
+        ax.minorticks_off()  # only the measured widths are labelled
     ax1.legend(fontsize=7)
     fig.suptitle(f"{report['device']} {report['dtype']}, {report['threads']} threads")
     fig.tight_layout()
