@@ -1,7 +1,6 @@
 """The step profiler times the decoder's own phases and sees the same acceptance as the decoder."""
 
 import pytest
-import torch
 
 from eval.decoder import SpeculativeDecoder
 from eval.profile import PHASES, profile_decoder
