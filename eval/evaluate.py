@@ -37,6 +37,20 @@ def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> D
     return drafter.to(base_model.device, dtype).eval()
 
 
+def _lossless(eval_cfg: EvalConfig, ours: dict) -> dict:
+    """Greedy: token for token against plain greedy decoding, on every prompt. Sampling: by the
+    verification rule (recursive rejection sampling is exact; tests/test_sampling.py checks it with
+    a chi-square test that the wrong rules fail); the reference rule is not lossless."""
+    if eval_cfg.temperature == 0:
+        return {"lossless": ours["lossless"], "lossless_check": "token-for-token vs plain greedy",
+                "mismatched_prompts": ours["mismatched_prompts"]}
+    if eval_cfg.reference_compatible:
+        return {"lossless": False, "lossless_check": "reference acceptance rule: not lossless at T > 0",
+                "mismatched_prompts": []}
+    return {"lossless": True, "lossless_check": "recursive rejection sampling (proof: eval/sampling.py; "
+            "chi-square test: tests/test_sampling.py)", "mismatched_prompts": []}
+
+
 def eval_set_key(data_cfg: DataConfig, eval_cfg: EvalConfig) -> str:
     """Identifies 'the same eval set' for comparing with an incumbent: source, selection, lengths."""
     return hash_json({"source": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens,
@@ -48,7 +62,9 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
     """name -> (batch of token lists -> GenerationResult). 'plain' is the baseline."""
     from eval.baselines import lookahead_generate, prompt_lookup_generate
 
-    W, L, n = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens
+    W, L, n, T = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens, eval_cfg.temperature
+    if T > 0:
+        return _sampling_methods(model, drafter, eval_cfg, eos, incumbent)
     candidate = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L)
     methods = {
         "plain": lambda b: plain_greedy(model, b, n, eos),
@@ -62,6 +78,30 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
             methods[name] = lambda b: prompt_lookup_generate(model, b, n, eos)
         elif name == "lookahead":
             methods[name] = lambda b: lookahead_generate(model, b, n, eos)
+    return methods
+
+
+def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbent=None) -> dict:
+    """At T > 0 the baseline is plain ancestral sampling; every method draws from its own seeded
+    generator (outputs differ from plain sampling token by token, their law does not)."""
+    import warnings
+
+    from eval.sampling import plain_sample
+
+    W, L, n, T = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens, eval_cfg.temperature
+    if eval_cfg.baselines:
+        warnings.warn(f"eval.baselines {eval_cfg.baselines} are greedy-only: not run at temperature {T}")
+
+    def seeded():
+        return torch.Generator(device=model.device).manual_seed(eval_cfg.seed)
+
+    def spec(d):
+        dec = SpeculativeDecoder(model, d, W, L, temperature=T, reference_compatible=eval_cfg.reference_compatible)
+        return lambda b: dec.generate(b, n, eos, generator=seeded())
+
+    methods = {"plain": lambda b: plain_sample(model, b, n, eos, T, generator=seeded()), "redrafter": spec(drafter)}
+    if incumbent is not None:
+        methods["incumbent"] = spec(incumbent)
     return methods
 
 
@@ -98,6 +138,9 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         fn([prompts[0].input_ids])
     t0 = time.time()
     results = compare(methods, prompts, eval_cfg.batch_size, eval_cfg.repeats)
+    if eval_cfg.temperature > 0:  # token equality says nothing when sampling; see _lossless()
+        for m in results.values():
+            m["lossless"] = "n/a (sampling)"
     ours = results["redrafter"]
     record = {
         "inputs_hash": hash_json(inputs),
@@ -105,8 +148,9 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "num_prompts": len(prompts),
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
+        "temperature": eval_cfg.temperature, "reference_compatible": eval_cfg.reference_compatible,
         "torch_threads": torch.get_num_threads(), "repeats": eval_cfg.repeats,
-        "lossless": ours["lossless"], "mismatched_prompts": ours["mismatched_prompts"],
+        **_lossless(eval_cfg, ours),
         "tokens_per_step": ours["tokens_per_step"],
         "acceptance_per_position": ours["acceptance_per_position"],
         "verified_tokens_per_step": ours["verified_tokens_per_step"],

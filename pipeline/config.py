@@ -106,6 +106,9 @@ class EvalConfig:
     dtype: str = "float32"
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     baselines: list[str] = field(default_factory=lambda: ["prompt_lookup", "lookahead"])  # training-free
+    temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
+    reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
+    seed: int = 0  # sampling RNG seed
 
 
 @dataclass
@@ -229,6 +232,8 @@ def _value_problems(cfg: Config) -> list[str]:
         p.append("bad value for 'eval.beam_width': beam widths above 50 are meaningless (spec: top-50 logits)")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         p.append(f"bad value for 'train.zero_stage': {cfg.train.zero_stage}; choose 0, 1, 2 or 3")
+    if cfg.eval.temperature < 0:
+        p.append("bad value for 'eval.temperature': must be >= 0")
     if cfg.teacher.temperature < 0:
         p.append("bad value for 'teacher.temperature': must be >= 0")
     if not 0 <= cfg.train.heldout_fraction < 1:
