@@ -36,20 +36,30 @@ def mean_ci95(xs: list[float]) -> tuple[float, float]:
 
 @dataclass
 class MethodRun:
-    tokens: list[list[int]] = field(default_factory=list)
-    stats: list[DecodeStats] = field(default_factory=list)
-    seconds: float = 0.0
+    tokens: list[list[int]] = field(default_factory=list)  # per prompt, in prompt order
+    stats: list[DecodeStats] = field(default_factory=list)  # per batch
+    seconds: list[float] = field(default_factory=list)  # per batch
 
 
-def run_method(method: Method, prompts: list[list[int]], batch_size: int, desc: str = "") -> MethodRun:
-    run = MethodRun()
-    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+def make_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
+    """Prompt indices per batch. A batch never mixes prompt categories (prompts are grouped by
+    category, in order, then cut into batches), so per-category tau and tokens/s come straight from
+    the per-batch records of the one timed run."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p.category, []).append(i)
+    return [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+
+def run_method(method: Method, prompts: list[list[int]], batches: list[list[int]], desc: str = "") -> MethodRun:
+    run = MethodRun(tokens=[[] for _ in prompts])
     # disable=None: bars on a terminal only, so job logs are not flooded
     for batch in tqdm(batches, desc=desc, leave=False, unit="batch", disable=None if desc else True):
-        result = method(batch)
-        run.tokens += result.tokens
+        result = method([prompts[i] for i in batch])
+        for i, toks in zip(batch, result.tokens):
+            run.tokens[i] = toks
         run.stats.append(result.stats)
-        run.seconds += result.seconds
+        run.seconds.append(result.seconds)
     return run
 
 
@@ -59,55 +69,46 @@ def _summary(stats: DecodeStats) -> dict:
                               "verified_fraction_of_WL") if k in d}
 
 
+def _tokens_per_s(run: MethodRun, batch_ids: list[int], batches: list[list[int]]) -> float:
+    tokens = sum(len(run.tokens[i]) for b in batch_ids for i in batches[b])
+    return tokens / sum(run.seconds[b] for b in batch_ids)
+
+
 def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, repeats: int,
             reference: str = "plain", progress: bool = True) -> dict:
     """{method: {tokens_per_s, speedup, speedup_ci95, speedup_per_repeat, lossless, mismatched, tau...,
     by_category: {cat: {tokens_per_step, speedup}}}}"""
     assert reference in methods, f"the baseline {reference!r} must be one of the methods"
     ids = [p.input_ids for p in prompts]
-    categories = sorted({p.category for p in prompts if p.category})
+    batches = make_batches(prompts, batch_size)
+    by_cat = {c: [b for b, batch in enumerate(batches) if prompts[batch[0]].category == c]
+              for c in sorted({p.category for p in prompts if p.category})}
     names = list(methods)
-    tps: dict[str, list[float]] = {n: [] for n in names}
-    cat_tps: dict[str, dict[str, list[float]]] = {n: {c: [] for c in categories} for n in names}
-    first: dict[str, MethodRun] = {}
+    runs: dict[str, list[MethodRun]] = {n: [] for n in names}
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             desc = f"{name} {rep + 1}/{repeats}" if progress else ""
-            run = run_method(methods[name], ids, batch_size, desc)
-            tps[name].append(sum(map(len, run.tokens)) / run.seconds)
-            first.setdefault(name, run)
-            for c in categories:  # per category: time the category's prompts on their own
-                sub = [p.input_ids for p in prompts if p.category == c]
-                r = run_method(methods[name], sub, batch_size)
-                cat_tps[name][c].append(sum(map(len, r.tokens)) / r.seconds)
-    base = first[reference].tokens
+            runs[name].append(run_method(methods[name], ids, batches, desc))
+    every = list(range(len(batches)))
+    base = runs[reference][0].tokens
     out = {}
     for name in names:
-        speedups = [a / b for a, b in zip(tps[name], tps[reference])]
+        tps = [_tokens_per_s(r, every, batches) for r in runs[name]]
+        speedups = [a / _tokens_per_s(b, every, batches) for a, b in zip(tps, runs[reference])]
         speedup, ci = mean_ci95(speedups)
-        run = first[name]
-        mismatched = sorted(prompts[i].id for i, (a, b) in enumerate(zip(run.tokens, base)) if a != b)
-        merged = DecodeStats.merge(run.stats)
+        first = runs[name][0]
+        mismatched = sorted(prompts[i].id for i, (a, b) in enumerate(zip(first.tokens, base)) if a != b)
+        merged = DecodeStats.merge(first.stats)
         out[name] = {
-            "tokens_per_s": sum(tps[name]) / len(tps[name]), "speedup": speedup, "speedup_ci95": ci,
+            "tokens_per_s": sum(tps) / len(tps), "speedup": speedup, "speedup_ci95": ci,
             "speedup_per_repeat": speedups, "lossless": not mismatched, "mismatched_prompts": mismatched,
             **_summary(merged), "decode_stats": merged.to_dict(),
         }
-        if categories:
-            out[name]["by_category"] = {}
-            for c in categories:
-                idx = [i for i, p in enumerate(prompts) if p.category == c]
-                cat_stats = _category_tau(run, idx, batch_size)
-                cat_speed = [a / b for a, b in zip(cat_tps[name][c], cat_tps[reference][c])]
-                out[name]["by_category"][c] = {"speedup": mean_ci95(cat_speed)[0], "tokens_per_step": cat_stats}
+        if by_cat:
+            out[name]["by_category"] = {
+                c: {"tokens_per_step": DecodeStats.merge([first.stats[b] for b in bs]).tokens_per_step,
+                    "speedup": mean_ci95([_tokens_per_s(r, bs, batches) / _tokens_per_s(p, bs, batches)
+                                          for r, p in zip(runs[name], runs[reference])])[0]}
+                for c, bs in by_cat.items()}
     return out
-
-
-def _category_tau(run: MethodRun, idx: list[int], batch_size: int) -> float:
-    """tau over a category's prompts: committed tokens / steps, from the per-batch stats (exact at
-    batch 1; at larger batches a batch's steps are shared by its rows, so this is approximate)."""
-    batches = sorted({i // batch_size for i in idx})
-    steps = sum(len(run.stats[b].accepted) for b in batches)
-    committed = sum(sum(a + 1 for a in run.stats[b].accepted) for b in batches)
-    return committed / steps if steps else float("nan")

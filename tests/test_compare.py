@@ -36,3 +36,13 @@ def test_mean_ci95():
     assert mean_ci95([2.0]) == (2.0, 0.0)
     m, ci = mean_ci95([1.0, 2.0, 3.0])
     assert m == 2.0 and abs(ci - 4.30 * 1.0 / 3 ** 0.5) < 1e-9
+
+
+def test_batches_never_mix_categories():
+    from eval.compare import make_batches
+
+    prompts = [Prompt(id=str(i), text="", input_ids=[1], category="ab"[i % 2]) for i in range(7)]
+    batches = make_batches(prompts, 2)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len({prompts[i].category for i in b}) == 1 and len(b) <= 2 for b in batches)
+    assert [len(b) for b in batches] == [2, 2, 2, 1]  # a: 0,2,4,6  b: 1,3,5

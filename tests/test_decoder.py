@@ -99,6 +99,21 @@ def random_drafter(model):
     return build_drafter(make_arch(V, model.config.hidden_size), model.model.embed_tokens.weight, seed=0)
 
 
+
+def assert_cache_matches_prefill(model, state, prompts, check_h: bool = True) -> None:
+    """Every row's committed cache slots, g0 (and h) equal a fresh prefill of its committed tokens."""
+    for b, prompt in enumerate(prompts):
+        committed = prompt + state.new_tokens[b]
+        assert int(state.ctx_B[b]) == len(committed)
+        fresh = model.model(input_ids=torch.tensor([committed]), use_cache=True)
+        n = len(committed)
+        for layer, fresh_layer in zip(state.cache.layers, fresh.past_key_values.layers):
+            torch.testing.assert_close(layer.keys[b, :, :n], fresh_layer.keys[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(layer.values[b, :, :n], fresh_layer.values[0], atol=1e-4, rtol=0)
+        if check_h:
+            torch.testing.assert_close(state.h_BD[b], fresh.last_hidden_state[0, -1], atol=1e-4, rtol=0)
+        assert int(state.g0_B[b]) == int(model.lm_head(fresh.last_hidden_state[0, -1]).argmax())
+
 def test_plain_greedy_equals_hf_generate(setup):
     model, prompts, eos, reference, _ = setup
     assert plain_greedy(model, prompts, MAX_NEW, eos).tokens == reference  # batched, ragged
@@ -195,16 +210,7 @@ def test_cache_matches_fresh_prefill_after_accepted_steps(setup):
         for _ in range(6):
             decoder.step(state, stats)
         assert sum(stats.accepted) > 0  # some drafts were accepted and their K/V moved
-        for b, prompt in enumerate(prompts):
-            committed = prompt + state.new_tokens[b]
-            assert int(state.ctx_B[b]) == len(committed)
-            fresh = model.model(input_ids=torch.tensor([committed]), use_cache=True)
-            n = len(committed)
-            for layer, fresh_layer in zip(state.cache.layers, fresh.past_key_values.layers):
-                torch.testing.assert_close(layer.keys[b, :, :n], fresh_layer.keys[0], atol=1e-4, rtol=0)
-                torch.testing.assert_close(layer.values[b, :, :n], fresh_layer.values[0], atol=1e-4, rtol=0)
-            torch.testing.assert_close(state.h_BD[b], fresh.last_hidden_state[0, -1], atol=1e-4, rtol=0)
-            assert int(state.g0_B[b]) == int(model.lm_head(fresh.last_hidden_state[0, -1]).argmax())
+        assert_cache_matches_prefill(model, state, prompts)
 
 
 def test_generate_edge_cases(setup):
