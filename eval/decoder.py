@@ -45,10 +45,16 @@ class DecodeState:
     ctx_B: torch.Tensor  # committed length per row == number of cache slots holding committed tokens
     g0_B: torch.Tensor  # the base model's next token after the committed ones (not yet in the cache)
     h_BD: torch.Tensor  # base hidden state (post final norm) at the last committed position
-    new_tokens: list[list[int]]  # committed new tokens per row, not yet truncated
+    out_BN: torch.Tensor  # committed new tokens: row b's are out_BN[b, :num_new_B[b]] (not yet truncated)
+    num_new_B: torch.Tensor
     done_B: torch.Tensor  # rows past EOS / max_new_tokens keep riding in the batch, frozen
     max_new_tokens: int
     eos_token_id: int | None
+
+    @property
+    def new_tokens(self) -> list[list[int]]:
+        """Committed new tokens per row as lists (read once at the end, never inside the step loop)."""
+        return [row[:n] for row, n in zip(self.out_BN.tolist(), self.num_new_B.tolist())]
 
 
 @dataclass
@@ -144,9 +150,10 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), bias, 0)
     last_B = len_B - 1
     rows = torch.arange(B, device=device)
+    out_BN = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     return DecodeState(cache, len_B, pick_next(logits_BTV[rows, last_B]), hidden_BTD[rows, last_B],
-                       [[] for _ in prompts], torch.full((B,), max_new_tokens == 0, device=device),
-                       max_new_tokens, eos_token_id)
+                       out_BN, torch.zeros(B, dtype=torch.long, device=device),
+                       torch.full((B,), max_new_tokens == 0, device=device), max_new_tokens, eos_token_id)
 
 
 def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -183,20 +190,30 @@ def accept(accept_len_BW: torch.Tensor, pred_BWL: torch.Tensor, beams_BWL: torch
 
 
 def commit(state: DecodeState, acc: Acceptance, write_at: int) -> torch.Tensor:
-    """Append g0 + accepted drafts to the active rows and advance them; returns the active mask."""
+    """Append g0 + accepted drafts to the active rows and advance them; returns the active mask.
+    Vectorized over rows: no Python loop, and no host sync."""
     active_B = ~state.done_B
     L = acc.path_BL.shape[1]
+    offsets_L = torch.arange(L, device=state.ctx_B.device)
     # All L columns are moved: those past n land at slots >= the new ctx_b, masked until rewritten.
-    dst_BL = state.ctx_B[:, None] + torch.arange(L, device=state.ctx_B.device)
-    commit_kv(state.cache, write_at + acc.path_BL, dst_BL)
-    state.ctx_B = torch.where(active_B, state.ctx_B + acc.num_accepted_B + 1, state.ctx_B)
+    commit_kv(state.cache, write_at + acc.path_BL, state.ctx_B[:, None] + offsets_L)
+    num_commit_B = torch.where(active_B, acc.num_accepted_B + 1, 0)
+    state.ctx_B = state.ctx_B + num_commit_B
     state.g0_B = torch.where(active_B, acc.next_g0_B, state.g0_B)
     state.h_BD = torch.where(active_B[:, None], acc.next_h_BD.to(state.h_BD.dtype), state.h_BD)
-    for b in active_B.nonzero().flatten().tolist():
-        new = acc.tokens_BL[b, :int(acc.num_accepted_B[b]) + 1].tolist()
-        state.new_tokens[b] += new
-        if len(state.new_tokens[b]) >= state.max_new_tokens or state.eos_token_id in new:
-            state.done_B[b] = True
+    # Tokens: all L columns are written past each active row's count (columns past n are overwritten
+    # by the next step or lie past the count); finished rows rewrite what they hold. A row stops once
+    # it holds >= max_new_tokens, so it holds < max_new_tokens + L: a width of max_new_tokens + 2L fits.
+    if state.out_BN.shape[1] < state.max_new_tokens + 2 * L:  # shapes only (no sync); first step only
+        state.out_BN = torch.nn.functional.pad(state.out_BN, (0, state.max_new_tokens + 2 * L - state.out_BN.shape[1]))
+    index_BL = state.num_new_B[:, None] + offsets_L
+    kept_BL = torch.where(active_B[:, None], acc.tokens_BL, state.out_BN.gather(1, index_BL))
+    state.out_BN.scatter_(1, index_BL, kept_BL)
+    committed_BL = offsets_L < num_commit_B[:, None]
+    hit_eos_B = ((acc.tokens_BL == state.eos_token_id) & committed_BL).any(dim=1) if state.eos_token_id is not None \
+        else torch.zeros_like(active_B)
+    state.num_new_B = state.num_new_B + num_commit_B
+    state.done_B = state.done_B | hit_eos_B | (state.num_new_B >= state.max_new_tokens)
     return active_B
 
 

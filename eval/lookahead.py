@@ -161,13 +161,13 @@ class LookaheadDecoder:
         acc = accept(accept_len_BG, pred_BGN, beams_BGN, tree.unpacker_BWL, hidden_BPD)
         last_level_W = window_slots(self.ngram - 1, self.window, verification.size)[-1].to(logits_BPV.device)
         iterates_BW = logits_BPV[:, last_level_W].argmax(-1)  # next Jacobi iterates, positions ctx + N - 1 + j
-        num_before = [len(t) for t in state.new_tokens]
+        num_before_B = state.num_new_B
         commit(state, acc, write_at)
         stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
-        self.update(la, iterates_BW, active_B, state, num_before)
+        self.update(la, iterates_BW, active_B, state, num_before_B)
 
     def update(self, la: LookaheadState, iterates_BW: torch.Tensor, active_B: torch.Tensor, state: DecodeState,
-               num_before: list[int]) -> None:
+               num_before_B: torch.Tensor) -> None:
         """Harvest the window's column n-grams into the pool, then shift the window by one position."""
         N = self.ngram
         window_BLW = la.window_BLW
@@ -177,8 +177,9 @@ class LookaheadDecoder:
                 for col in columns_BWN[b]:
                     la.pools[b].add(col[0], tuple(col[1:]))
         if la.histories is not None:  # n-grams of the committed text, ending at each new token
+            before, after = num_before_B.tolist(), state.num_new_B.tolist()
             for b in active_B.nonzero().flatten().tolist():
-                new = state.new_tokens[b][num_before[b]:]
+                new = state.out_BN[b, before[b]:after[b]].tolist()
                 history = la.histories[b]
                 history += new
                 for end in range(max(len(history) - len(new) + 1, N), len(history) + 1):

@@ -25,7 +25,7 @@ class DecodeStats:
     def record(self, accepted: Iterable[int], verified: Iterable[int]) -> None:
         accepted, verified = list(accepted), list(verified)
         assert len(accepted) == len(verified)
-        assert all(0 <= a < self.beam_length for a in accepted), accepted
+        assert not accepted or (min(accepted) >= 0 and max(accepted) < self.beam_length), accepted
         self.accepted += accepted
         self.verified += verified
 

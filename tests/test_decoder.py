@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.decoder as decoder_module
-from eval.decoder import SpeculativeDecoder, accept, plain_greedy, prefill, verify
+from eval.decoder import Acceptance, SpeculativeDecoder, accept, commit, plain_greedy, prefill, verify
 from eval.metrics import DecodeStats
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
@@ -211,6 +211,28 @@ def test_cache_matches_fresh_prefill_after_accepted_steps(setup):
             decoder.step(state, stats)
         assert sum(stats.accepted) > 0  # some drafts were accepted and their K/V moved
         assert_cache_matches_prefill(model, state, prompts)
+
+
+def test_commit_by_hand(setup):
+    """Rows stop independently inside one vectorized commit: row 0 at an EOS among its accepted
+    drafts, row 1 at max_new_tokens, row 2 keeps going; a finished row is frozen from then on."""
+    model, eos = setup[0], 7
+    with torch.no_grad():
+        state = prefill(model, [[3, 4], [5, 6, 8], [9]], max_cache_len=32, max_new_tokens=3, eos_token_id=eos)
+        L, ctx_before = 4, state.ctx_B.clone()
+        tokens_BL = torch.tensor([[10, eos, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]])
+        acc = Acceptance(torch.zeros(3, dtype=torch.long), torch.tensor([2, 3, 0]), tokens_BL,
+                         torch.arange(L).repeat(3, 1), torch.tensor([40, 41, 42]), torch.zeros(3, model.config.hidden_size))
+        active = commit(state, acc, write_at=int(state.ctx_B.max()))
+        assert active.tolist() == [True, True, True]
+        assert state.new_tokens == [[10, eos, 12], [20, 21, 22, 23], [30]]
+        assert state.done_B.tolist() == [True, True, False]
+        assert (state.ctx_B - ctx_before).tolist() == [3, 4, 1]
+        assert state.g0_B.tolist() == [40, 41, 42]
+        acc.num_accepted_B = torch.tensor([3, 3, 1])
+        assert commit(state, acc, write_at=int(state.ctx_B.max())).tolist() == [False, False, True]
+        assert state.new_tokens == [[10, eos, 12], [20, 21, 22, 23], [30, 30, 31]]
+        assert (state.ctx_B - ctx_before).tolist() == [3, 4, 3] and state.done_B.tolist() == [True, True, True]
 
 
 def test_generate_edge_cases(setup):
