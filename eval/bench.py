@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from data.prompts import load_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import compare
-from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.decoder import SpeculativeDecoder, compile_base, plain_greedy
 from eval.evaluate import load_trained_drafter
 from eval.profile import profile_decoder
 from pipeline.base_model import load_base_model
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0 = the run's eval.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    ap.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile the base model (every method uses it); default: the run's eval.compile")
     ap.add_argument("--out", type=Path, default=None, help="default: <run-dir>/bench")
     return ap.parse_args(argv)
 
@@ -76,11 +78,14 @@ def main(argv=None) -> dict:
     out = args.out or args.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
+    compile_mode = args.compile or cfg.eval.compile
+    compile_base(model, compile_mode)
     drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
     prompts = load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)[:args.num_prompts]
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
     report: dict = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+                    "compile": compile_mode,
                     "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
 
     print(f"[1/4] sweep W in {args.widths} x L in {args.lengths}")
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
     record_path = args.run_dir / "eval" / "eval_record.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        record["best_setting"] = report["best_setting"] | {"device": report["device"], "threads": report["threads"]}
+        record["best_setting"] = report["best_setting"] | {"device": report["device"], "threads": report["threads"],
+                                                           "compile": compile_mode}
         record_path.write_text(json.dumps(record, indent=2) + "\n")
     print_report(report)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
@@ -129,7 +135,8 @@ def _slim(m: dict) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\n== sweep ({report['device']}, {report['threads']} threads, {report['num_prompts']} prompts, "
+    print(f"\n== sweep ({report['device']}, {report['threads']} threads, compile {report.get('compile', 'none')}, "
+          f"{report['num_prompts']} prompts, "
           f"{report['max_new_tokens']} new tokens, {report['repeats']} interleaved repeats) ==\n{HEADER}")
     for k, v in report["sweep"].items():
         print(_row(k, v))

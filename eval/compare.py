@@ -75,9 +75,10 @@ def _tokens_per_s(run: MethodRun, batch_ids: list[int], batches: list[list[int]]
 
 
 def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, repeats: int,
-            reference: str = "plain", progress: bool = True) -> dict:
+            reference: str = "plain", progress: bool = True, warmup: bool = True) -> dict:
     """{method: {tokens_per_s, speedup, speedup_ci95, speedup_per_repeat, lossless, mismatched, tau...,
-    by_category: {cat: {tokens_per_step, speedup}}}}"""
+    by_category: {cat: {tokens_per_step, speedup}}}}. `warmup`: run every method once on the first
+    batch first, untimed (allocator, first-call overheads, torch.compile's compilation)."""
     assert reference in methods, f"the baseline {reference!r} must be one of the methods"
     ids = [p.input_ids for p in prompts]
     batches = make_batches(prompts, batch_size)
@@ -85,6 +86,9 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
               for c in sorted({p.category for p in prompts if p.category})}
     names = list(methods)
     runs: dict[str, list[MethodRun]] = {n: [] for n in names}
+    if warmup:
+        for name in names:
+            methods[name]([ids[i] for i in batches[0]])
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:

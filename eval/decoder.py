@@ -108,6 +108,23 @@ def base_forward(model, cache: StaticCache, tokens_BQ: torch.Tensor, position_id
     return hidden_BQD, model.lm_head(hidden_BQD)
 
 
+def compile_base(model, mode: str):
+    """torch.compile the base model's transformer body in place (`model.model.forward`), so that every
+    decoding method given this model (plain, speculative, the baselines through `model.generate`)
+    runs the same compiled code. `mode` is torch.compile's: "default", "reduce-overhead" (CUDA graphs
+    on CUDA), "max-autotune"; "none" leaves the model eager. Shapes are dynamic: the packed tree size
+    and the cache length change between steps and prompts; recompiles are bounded by dynamo's limit,
+    past which a new shape runs eagerly (same outputs)."""
+    if mode == "none":
+        return model
+    if getattr(model.model.forward, "_draftforge_compiled", None):
+        raise ValueError("the base model is already compiled")
+    compiled = torch.compile(model.model.forward, mode=None if mode == "default" else mode, dynamic=True)
+    compiled._draftforge_compiled = mode
+    model.model.forward = compiled
+    return model
+
+
 def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor) -> None:
     """Copy K/V of slots src to slots dst per row (gather everything first, then scatter, so
     overlapping source and destination ranges are safe)."""

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.prompts import load_prompts
-from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.decoder import SpeculativeDecoder, compile_base, plain_greedy
 from eval.compare import compare
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
@@ -124,6 +124,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if eval_cfg.num_threads:
         torch.set_num_threads(eval_cfg.num_threads)
     model, tokenizer = load_base_model(model_cfg, device=eval_cfg.device, dtype=eval_cfg.dtype)
+    compile_base(model, eval_cfg.compile)  # compiled during compare()'s untimed warm-up
     drafter = load_trained_drafter(drafter_dir, model, model.dtype)
     incumbent = None
     if incumbent_dir is not None:
@@ -134,8 +135,6 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if eval_cfg.num_prompts:
         prompts = prompts[: eval_cfg.num_prompts]
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
-    for fn in methods.values():  # warm-up (allocator, first-call overheads), not timed
-        fn([prompts[0].input_ids])
     t0 = time.time()
     results = compare(methods, prompts, eval_cfg.batch_size, eval_cfg.repeats)
     if eval_cfg.temperature > 0:  # token equality says nothing when sampling; see _lossless()

@@ -109,6 +109,9 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
     seed: int = 0  # sampling RNG seed
+    # torch.compile the base model for every decoding method of the run (plain, ours, baselines):
+    # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune
+    compile: str = "none"
 
 
 @dataclass
@@ -193,6 +196,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "eval.device": ("cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
+    "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.decoder as decoder_module
-from eval.decoder import Acceptance, SpeculativeDecoder, accept, commit, plain_greedy, prefill, verify
+from eval.decoder import (Acceptance, SpeculativeDecoder, accept, commit, compile_base, plain_greedy, prefill,
+                          verify)
 from eval.metrics import DecodeStats
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
@@ -264,3 +265,19 @@ def test_metrics_by_hand():
     assert d["tokens_per_step_histogram"] == {"1": 2, "2": 0, "3": 0}
     with pytest.raises(ValueError, match="different beam shapes"):
         DecodeStats.merge([stats, never])
+
+
+def test_compiled_base_model_decodes_identically(setup):
+    """eval.compile: the torch.compile'd base model (dynamic shapes: packed tree sizes and cache
+    lengths vary) gives plain and speculative decoding the same tokens as the eager model."""
+    model, prompts, eos, reference, table = setup
+    compiled = compile_base(tiny_llama(model.config._attn_implementation), "default")
+    assert compiled.model.forward._draftforge_compiled == "default"
+    with pytest.raises(ValueError, match="already compiled"):
+        compile_base(compiled, "default")
+    assert compile_base(model, "none") is model and not hasattr(model.model.forward, "_draftforge_compiled")
+    batch = prompts[:3]
+    assert plain_greedy(compiled, batch, MAX_NEW, eos).tokens == reference[:3]
+    decoder = SpeculativeDecoder(compiled, TableDrafter(table), beam_width=3, beam_length=4)
+    assert decoder.generate(batch, MAX_NEW, eos).tokens == reference[:3]
+    assert [decoder.generate([p], MAX_NEW, eos).tokens[0] for p in prompts[3:6]] == reference[3:6]
