@@ -281,3 +281,17 @@ def test_compiled_base_model_decodes_identically(setup):
     decoder = SpeculativeDecoder(compiled, TableDrafter(table), beam_width=3, beam_length=4)
     assert decoder.generate(batch, MAX_NEW, eos).tokens == reference[:3]
     assert [decoder.generate([p], MAX_NEW, eos).tokens[0] for p in prompts[3:6]] == reference[3:6]
+
+
+def test_lossless_in_bfloat16(setup):
+    """The CUDA dtype on CPU: a bf16 base model and drafter, batched and ragged, decode exactly the
+    tokens of bf16 plain greedy decoding (additive mask at bf16's min, K/V copies in bf16)."""
+    model, prompts, eos, _, table = setup
+    bf16 = tiny_llama(model.config._attn_implementation).to(torch.bfloat16)
+    drafter = build_drafter(make_arch(V, bf16.config.hidden_size), bf16.model.embed_tokens.weight, seed=0)
+    reference = plain_greedy(bf16, prompts[:8], MAX_NEW, eos).tokens
+    assert reference == [plain_greedy(bf16, [p], MAX_NEW, eos).tokens[0] for p in prompts[:8]]
+    for d in (drafter.to(torch.bfloat16), TableDrafter(table)):
+        decoder = SpeculativeDecoder(bf16, d, beam_width=3, beam_length=4)
+        assert decoder.generate(prompts[:4], MAX_NEW, eos).tokens == reference[:4]
+        assert decoder.generate(prompts[4:8], MAX_NEW, eos).tokens == reference[4:8]
