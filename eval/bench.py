@@ -152,6 +152,12 @@ def print_report(report: dict) -> None:
           f"(plain step {p['plain_step_ms']:.2f} ms), tau {p['tokens_per_step']:.2f} ==")
     for phase, ms in p["ms_per_step"].items():
         print(f"  {phase:<20}{ms:>7.2f} ms  {100 * p['share'][phase]:>5.1f}%")
+    if "speedup_bounds" in p:
+        b, c = p["speedup_bounds"], p["cost_ratio"]
+        print(f"  speedup = tau x plain step / step: {b['as_measured']:.2f}x as measured, "
+              f"{b['free_drafter']:.2f}x with a free drafter, {b['base_forward_only']:.2f}x with only the base forward")
+        print(f"  drafter MACs per draft / base MACs per token: {c['drafter_macs_per_draft'] / 1e6:.2f}M / "
+              f"{c['base_macs_per_token'] / 1e6:.2f}M = {c['ratio']:.2f} (x {c['drafts_per_step']} drafts per step)")
 
 
 def plot_bench(report: dict, widths: list[int], lengths: list[int], path: Path) -> None:

@@ -79,11 +79,37 @@ def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_t
         plain_steps += plain.stats.num_forwards
         clock.t = time.perf_counter()
     total = sum(clock.seconds[p] for p in PHASES)
+    ms = {p: 1e3 * clock.seconds[p] / steps for p in PHASES}
+    step_ms, plain_ms = 1e3 * total / steps, 1e3 * plain_seconds / max(plain_steps, 1)
+    tau = stats.tokens_per_step
     return {
         "steps": steps, "beam_width": dec.beam_width, "beam_length": dec.beam_length,
         "tokens_per_step": stats.tokens_per_step,
-        "ms_per_step": {p: 1e3 * clock.seconds[p] / steps for p in PHASES},
+        "ms_per_step": ms,
         "share": {p: clock.seconds[p] / total for p in PHASES},
-        "spec_step_ms": 1e3 * total / steps,
-        "plain_step_ms": 1e3 * plain_seconds / max(plain_steps, 1),
+        "spec_step_ms": step_ms,
+        "plain_step_ms": plain_ms,
+        # What limits the speedup: tau * plain step / step time, with the step as measured, with the
+        # drafter for free, and with nothing but the base forward (every other phase for free).
+        "speedup_bounds": {
+            "as_measured": tau * plain_ms / step_ms,
+            "free_drafter": tau * plain_ms / (step_ms - ms["drafter"]),
+            "base_forward_only": tau * plain_ms / ms["base_forward"],
+        },
+        "cost_ratio": cost_ratio(dec),
     }
+
+
+def _matmul_params(module) -> int:
+    """Multiply-accumulates per token of a module's linear layers (embedding lookups are not
+    matmuls; a tied lm_head is a Linear and counts once)."""
+    weights = {id(m.weight): m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(weights.values())
+
+
+def cost_ratio(dec: SpeculativeDecoder) -> dict:
+    """Multiply-accumulates per token: one drafter draft step (per beam) vs one base-model token.
+    ReDrafter pays off when this is small (about 1-3% for a 7B+ base model)."""
+    drafter, base = _matmul_params(dec.drafter), _matmul_params(dec.model)
+    return {"drafter_macs_per_draft": drafter, "base_macs_per_token": base, "ratio": drafter / base if base else None,
+            "drafts_per_step": (dec.beam_length - 1) * dec.beam_width}

@@ -21,3 +21,18 @@ def test_profile_matches_decoder(W, L):
     assert set(prof["ms_per_step"]) == set(PHASES) and all(v > 0 for v in prof["ms_per_step"].values())
     assert abs(sum(prof["share"].values()) - 1.0) < 1e-9
     assert prof["plain_step_ms"] > 0 and 1.0 <= prof["tokens_per_step"] <= L
+
+
+def test_cost_ratio_counts_matmul_weights():
+    from eval.profile import cost_ratio
+
+    model = tiny_llama("sdpa")
+    cfg = model.config
+    H, V, I, n = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * H // cfg.num_attention_heads
+    base = n * (2 * H * H + 2 * H * kv + 3 * H * I) + H * V  # attention + MLP per layer, then the head
+    drafter = build_drafter(make_arch(V, H), model.get_input_embeddings().weight.detach())
+    c = cost_ratio(SpeculativeDecoder(model, drafter, 4, 5))
+    assert c["base_macs_per_token"] == base
+    assert c["drafter_macs_per_draft"] == 2 * H * H + 2 * (2 * H) ** 2 + 2 * H * V  # rnn_w, rnn_u, 2 blocks, head
+    assert c["drafts_per_step"] == 16
