@@ -109,7 +109,8 @@ def _matmul_params(module) -> int:
 
 def cost_ratio(dec: SpeculativeDecoder) -> dict:
     """Multiply-accumulates per token: one drafter draft step (per beam) vs one base-model token.
-    ReDrafter pays off when this is small (about 1-3% for a 7B+ base model)."""
+    ReDrafter pays off when this is small: about 0.06 for Vicuna-7B with the reference exit width 2H
+    (0.43B vs 6.6B); the tiny recipe's 5.8M-parameter base model with the same drafter shape gives 0.48."""
     drafter, base = _matmul_params(dec.drafter), _matmul_params(dec.model)
     return {"drafter_macs_per_draft": drafter, "base_macs_per_token": base, "ratio": drafter / base if base else None,
             "drafts_per_step": (dec.beam_length - 1) * dec.beam_width}
