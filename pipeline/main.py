@@ -65,7 +65,9 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.run.num_cpus or None, include_dashboard=False, log_to_driver=True,
+        # The dashboard (on by default when ray[default] is installed) also serves the State API;
+        # without it Ray Train's PlacementGroupCleaner warns every second that it cannot poll.
+        ray.init(num_cpus=cfg.run.num_cpus or None, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
 
 
