@@ -187,6 +187,14 @@ def test_draft_matches_loop_beam_search_and_keeps_teacher_forced_log_probs():
         torch.testing.assert_close(beams.log_probs_BWKV.view(N, L - 1, -1), forced[:, :L - 1], atol=1e-5, rtol=0)
         kept = beams.log_probs_BWKV.gather(-1, beams.tokens_BWL[..., 1:, None]).squeeze(-1).sum(-1)
         torch.testing.assert_close(kept, beams.scores_BW, atol=1e-4, rtol=0)
+        # W = 1 without distributions takes the greedy-chain path: same tokens and scores as the search.
+        for L1 in (1, 2, 5):
+            chain = draft(drafter, h_BH, g0_B, 1, L1, keep_log_probs=False)
+            assert chain.log_probs_BWKV is None
+            for b in range(3):
+                tokens, scores = loop_beam_search(drafter, h_BH[b], int(g0_B[b]), 1, L1)
+                assert chain.tokens_BWL[b].tolist() == tokens
+                torch.testing.assert_close(chain.scores_BW[b], torch.tensor(scores), atol=1e-4, rtol=0)
 
 
 def test_draft_edge_cases():
