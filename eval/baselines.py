@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from eval.decoder import GenerationResult, check_prompts, truncate
+from eval.decoder import GenerationResult, check_prompts, truncate, without_cuda_graphs
 from eval.lookahead import LookaheadDecoder, lookahead_generate  # noqa: F401  (re-exported)
 from eval.metrics import DecodeStats
 
@@ -77,24 +77,31 @@ def prompt_lookup_generate(model, prompts: list[list[int]], max_new_tokens: int,
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     outputs = []
     start = time.perf_counter()
-    for prompt in prompts:
-        if max_new_tokens == 0:
-            outputs.append([])
-            continue
-        input_ids = torch.tensor([prompt], device=model.device)
-        log = ForwardLog(model)
-        try:
-            # eos_token_id=None is passed through on purpose: it disables EOS stopping (as in our decoders)
-            # instead of falling back to the model's generation_config.
-            sequence = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                      pad_token_id=pad_token_id, prompt_lookup_num_tokens=num_tokens,
-                                      max_matching_ngram_size=max_ngram_size)
-        finally:
-            log.remove()
-        new = sequence[0, len(prompt):].tolist()
-        committed, verified = assisted_steps(log.calls, len(prompt), len(new))
-        stats.record([c - 1 for c in committed], verified)
-        stats.num_forwards += len(log.calls)
-        outputs.append(truncate(new, max_new_tokens, eos_token_id))
+    with without_cuda_graphs(model):  # generate() keeps forward outputs (K/V) across forwards
+        for prompt in prompts:
+            _prompt_lookup_one(model, prompt, max_new_tokens, eos_token_id, pad_token_id, num_tokens,
+                               max_ngram_size, stats, outputs)
     return GenerationResult(outputs, stats, time.perf_counter() - start)
+
+
+def _prompt_lookup_one(model, prompt: list[int], max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
+                       num_tokens: int, max_ngram_size: int, stats: DecodeStats, outputs: list) -> None:
+    if max_new_tokens == 0:
+        outputs.append([])
+        return
+    input_ids = torch.tensor([prompt], device=model.device)
+    log = ForwardLog(model)
+    try:
+        # eos_token_id=None is passed through on purpose: it disables EOS stopping (as in our decoders)
+        # instead of falling back to the model's generation_config.
+        sequence = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id, prompt_lookup_num_tokens=num_tokens,
+                                  max_matching_ngram_size=max_ngram_size)
+    finally:
+        log.remove()
+    new = sequence[0, len(prompt):].tolist()
+    committed, verified = assisted_steps(log.calls, len(prompt), len(new))
+    stats.record([c - 1 for c in committed], verified)
+    stats.num_forwards += len(log.calls)
+    outputs.append(truncate(new, max_new_tokens, eos_token_id))

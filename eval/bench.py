@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from omegaconf import OmegaConf
 from data.prompts import load_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import compare
-from eval.decoder import SpeculativeDecoder, compile_base, plain_greedy
+from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
 from eval.evaluate import load_trained_drafter
 from eval.profile import profile_decoder
 from pipeline.base_model import load_base_model
@@ -48,6 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0 = the run's eval.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the run's eval.device")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="base model and drafter dtype; default: the run's eval.dtype")
     ap.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
                     help="torch.compile the base model (every method uses it); default: the run's eval.compile")
     ap.add_argument("--out", type=Path, default=None, help="default: <run-dir>/bench")
@@ -62,7 +66,15 @@ def _spec(model, drafter, W, L, n, eos, tree=True):
 def _row(name: str, m: dict) -> str:
     return (f"{name:<22}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
             f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:<5.2f}{m.get('verified_tokens_per_step', 0) or 0:>9.1f}"
-            f"  {m['lossless']}")
+            f"  {_lossless(m)}")
+
+
+def _lossless(m: dict) -> str:
+    """True; "ties (k)" when the k mismatched prompts all diverge at numerical ties; False otherwise."""
+    divergences = m.get("divergences", {})
+    if m["lossless"] or not divergences or not all(d and d["near_tie"] for d in divergences.values()):
+        return str(m["lossless"])
+    return f"ties ({len(divergences)})"
 
 
 HEADER = f"{'method':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}{'verified':>9}  lossless"
@@ -77,15 +89,20 @@ def main(argv=None) -> dict:
                                                       OmegaConf.load(args.run_dir / "resolved_config.yaml")))
     out = args.out or args.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
+    model, tok = load_base_model(cfg.model, device=args.device or cfg.eval.device, dtype=args.dtype or cfg.eval.dtype)
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
     drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
     prompts = load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)[:args.num_prompts]
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
-    report: dict = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+    explain = lambda p, a, b: first_divergence(model, p, a, b)  # noqa: E731
+    device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    report: dict = {"device": str(model.device), "device_name": device_name, "dtype": str(model.dtype),
+                    "threads": torch.get_num_threads(),
                     "compile": compile_mode,
+                    # transformers' generate() keeps forward outputs that a graph replay overwrites
+                    "prompt_lookup_compile": "none (eager)" if compile_mode == "reduce-overhead" else compile_mode,
                     "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
 
     print(f"[1/4] sweep W in {args.widths} x L in {args.lengths}")
@@ -93,7 +110,7 @@ def main(argv=None) -> dict:
     for W in args.widths:
         for L in args.lengths:
             sweep_methods[f"W{W}L{L}"] = _spec(model, drafter, W, L, n, eos)
-    sweep = compare(sweep_methods, prompts, 1, args.repeats)
+    sweep = compare(sweep_methods, prompts, 1, args.repeats, explain=explain)
     best = max((k for k in sweep if k != "plain"), key=lambda k: sweep[k]["speedup"])
     W, L = int(best[1:best.index("L")]), int(best[best.index("L") + 1:])
     report["sweep"] = {k: _slim(v) for k, v in sweep.items()}
@@ -106,7 +123,7 @@ def main(argv=None) -> dict:
                "redrafter_W1": _spec(model, drafter, 1, L, n, eos),
                "prompt_lookup": lambda b: prompt_lookup_generate(model, b, n, eos),
                "lookahead": lambda b: lookahead_generate(model, b, n, eos)}
-    report["methods"] = {k: _slim(v) for k, v in compare(methods, prompts, 1, args.repeats).items()}
+    report["methods"] = {k: _slim(v) for k, v in compare(methods, prompts, 1, args.repeats, explain=explain).items()}
 
     print(f"[3/4] batch sizes {args.batch_sizes}")
     report["batches"] = {}
@@ -122,7 +139,8 @@ def main(argv=None) -> dict:
     record_path = args.run_dir / "eval" / "eval_record.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        record["best_setting"] = report["best_setting"] | {"device": report["device"], "threads": report["threads"],
+        record["best_setting"] = report["best_setting"] | {"device": report["device"], "dtype": report["dtype"],
+                                                           "device_name": device_name, "threads": report["threads"],
                                                            "compile": compile_mode}
         record_path.write_text(json.dumps(record, indent=2) + "\n")
     print_report(report)
@@ -135,7 +153,8 @@ def _slim(m: dict) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\n== sweep ({report['device']}, {report['threads']} threads, compile {report.get('compile', 'none')}, "
+    print(f"\n== sweep ({report['device']} {report.get('device_name', '')} {report.get('dtype', '')}, "
+          f"{report['threads']} threads, compile {report.get('compile', 'none')}, "
           f"{report['num_prompts']} prompts, "
           f"{report['max_new_tokens']} new tokens, {report['repeats']} interleaved repeats) ==\n{HEADER}")
     for k, v in report["sweep"].items():

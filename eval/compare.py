@@ -75,10 +75,13 @@ def _tokens_per_s(run: MethodRun, batch_ids: list[int], batches: list[list[int]]
 
 
 def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, repeats: int,
-            reference: str = "plain", progress: bool = True, warmup: bool = True) -> dict:
+            reference: str = "plain", progress: bool = True, warmup: bool = True,
+            explain: Callable[[list[int], list[int], list[int]], dict | None] | None = None) -> dict:
     """{method: {tokens_per_s, speedup, speedup_ci95, speedup_per_repeat, lossless, mismatched, tau...,
     by_category: {cat: {tokens_per_step, speedup}}}}. `warmup`: run every method once on the first
-    batch first, untimed (allocator, first-call overheads, torch.compile's compilation)."""
+    batch first, untimed (allocator, first-call overheads, torch.compile's compilation). `explain`
+    (prompt, baseline tokens, method tokens) -> dict describes each mismatched prompt under
+    "divergences" (eval.decoder.first_divergence: where, and whether it was a numerical tie)."""
     assert reference in methods, f"the baseline {reference!r} must be one of the methods"
     ids = [p.input_ids for p in prompts]
     batches = make_batches(prompts, batch_size)
@@ -104,9 +107,12 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
         first = runs[name][0]
         mismatched = sorted(prompts[i].id for i, (a, b) in enumerate(zip(first.tokens, base)) if a != b)
         merged = DecodeStats.merge(first.stats)
+        divergences = {prompts[i].id: explain(ids[i], b, a) for i, (a, b) in enumerate(zip(first.tokens, base))
+                       if a != b} if explain else {}
         out[name] = {
             "tokens_per_s": sum(tps) / len(tps), "speedup": speedup, "speedup_ci95": ci,
             "speedup_per_repeat": speedups, "lossless": not mismatched, "mismatched_prompts": mismatched,
+            **({"divergences": divergences} if divergences else {}),
             **_summary(merged), "decode_stats": merged.to_dict(),
         }
         if by_cat:

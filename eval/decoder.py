@@ -18,6 +18,7 @@ rejected draft costs nothing but a pointer that does not move.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -119,10 +120,40 @@ def compile_base(model, mode: str):
         return model
     if getattr(model.model.forward, "_draftforge_compiled", None):
         raise ValueError("the base model is already compiled")
-    compiled = torch.compile(model.model.forward, mode=None if mode == "default" else mode, dynamic=True)
+    eager = model.model.forward
+    compiled = torch.compile(eager, mode=None if mode == "default" else mode, dynamic=True)
     compiled._draftforge_compiled = mode
+    compiled._draftforge_eager = eager
     model.model.forward = compiled
     return model
+
+
+@contextlib.contextmanager
+def without_cuda_graphs(model):
+    """Inside, a base model compiled with CUDA graphs ("reduce-overhead") runs its eager forward:
+    for callers that keep a forward's outputs across forwards (transformers' `generate` keeps K/V
+    outputs in its DynamicCache), which the next graph replay would overwrite. Otherwise a no-op."""
+    forward = model.model.forward
+    if getattr(forward, "_draftforge_compiled", None) != "reduce-overhead":
+        yield False
+        return
+    model.model.forward = forward._draftforge_eager
+    try:
+        yield True
+    finally:
+        model.model.forward = forward
+
+
+def new_cache(model, batch_size: int, max_cache_len: int) -> StaticCache:
+    """A StaticCache with its K/V buffers allocated now, outside any compiled region. Left lazy, the
+    first (prefill) forward would allocate them inside torch.compile's graph, unmarked as static
+    addresses: CUDA graphs are then skipped, and on CUDA inductor fails to lower the slot index."""
+    cfg = model.config.get_text_config(decoder=True)
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    heads = cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(batch_size, heads, head_dim, model.dtype, model.device)
+    return cache
 
 
 def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor) -> None:
@@ -162,7 +193,7 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     pos_T = torch.arange(T, device=device)
     causal_BTT = (pos_T[None, :, None] >= pos_T[None, None, :]) & (pos_T[None, None, :] < len_B[:, None, None])
     causal_BTT |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries see themselves only
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache = new_cache(model, B, max_cache_len)
     bias = attention_bias(torch.zeros_like(len_B), causal_BTT, 0, max_cache_len, model.dtype)
     hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), bias, 0)
     last_B = len_B - 1
@@ -239,6 +270,35 @@ def truncate(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -
     if eos_token_id is not None and eos_token_id in tokens:
         tokens = tokens[:tokens.index(eos_token_id) + 1]
     return tokens
+
+
+TIE_ULPS = 4  # a divergence within this many ulps (of the model's dtype, at the logits' scale) is a tie
+
+
+@torch.no_grad()
+def first_divergence(model, prompt: list[int], reference: list[int], other: list[int]) -> dict | None:
+    """Where two greedy continuations of `prompt` first differ, and whether the base model's choice
+    there was a numerical tie. None when they are equal.
+
+    Batched verification (Q tokens in one forward, other kernels or tilings) rounds differently
+    from one-token decoding; in bf16 that can flip the argmax where two logits are within rounding.
+    One forward over prompt + the shared prefix gives the two tokens' logits: `near_tie` when they
+    differ by at most TIE_ULPS ulps of the model's dtype at the larger logit's magnitude. A real
+    decoder bug (a wrong token accepted) shows as a gap far beyond that, or as a length mismatch."""
+    if reference == other:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), min(len(reference), len(other)))
+    info = {"position": k, "reference_token": reference[k] if k < len(reference) else None,
+            "other_token": other[k] if k < len(other) else None, "logit_gap": None, "tolerance": None,
+            "near_tie": False}
+    if info["reference_token"] is None or info["other_token"] is None:
+        return info  # one stopped (EOS / length) where the other went on: not a rounding question
+    with without_cuda_graphs(model):
+        ids = torch.tensor([prompt + reference[:k]], device=model.device)
+        logits_V = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    a, b = float(logits_V[reference[k]]), float(logits_V[other[k]])
+    tolerance = TIE_ULPS * torch.finfo(model.dtype).eps * max(abs(a), abs(b), 1.0)
+    return info | {"logit_gap": a - b, "tolerance": tolerance, "near_tie": abs(a - b) <= tolerance}
 
 
 # ---- decoding loops -------------------------------------------------------------------------

@@ -108,6 +108,9 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["prompt_lookup", "lookahead"])  # training-free
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
+    # greedy: a prompt whose output diverges from plain decoding only where the base model's two
+    # candidate logits are within rounding (eval.decoder.first_divergence) still counts as lossless
+    allow_numerical_ties: bool = True
     seed: int = 0  # sampling RNG seed
     # torch.compile the base model for every decoding method of the run (plain, ours, baselines):
     # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.decoder as decoder_module
-from eval.decoder import (Acceptance, SpeculativeDecoder, accept, commit, compile_base, plain_greedy, prefill,
-                          verify)
+from eval.decoder import (Acceptance, SpeculativeDecoder, accept, commit, compile_base, first_divergence, plain_greedy,
+                          prefill, verify)
 from eval.metrics import DecodeStats
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
@@ -156,7 +156,34 @@ def test_accepting_one_token_too_many_breaks_equality(setup, monkeypatch):
 
     monkeypatch.setattr(decoder_module, "verify", cheating_verify)
     decoder = SpeculativeDecoder(model, random_drafter(model), beam_width=3, beam_length=4)
-    assert decoder.generate(prompts[:4], MAX_NEW, eos).tokens != reference[:4]
+    tokens = decoder.generate(prompts[:4], MAX_NEW, eos).tokens
+    assert tokens != reference[:4]
+    # ... and no divergence it causes passes for a numerical tie (eval.allow_numerical_ties)
+    divergences = [first_divergence(model, p, r, t) for p, r, t in zip(prompts, reference, tokens) if r != t]
+    assert divergences and not any(d["near_tie"] for d in divergences), divergences
+
+
+def test_first_divergence_tells_ties_from_errors():
+    """An exact tie (two lm_head rows made equal) is a near tie; a low-logit token, a length
+    mismatch and equal outputs are not."""
+    model = tiny_llama("sdpa")
+    prompt = make_prompts(1, seed=5)[0]
+    t = plain_greedy(model, [prompt], MAX_NEW, None).tokens[0][3]
+    u = (t + 1) % V
+    with torch.no_grad():
+        model.lm_head.weight[u] = model.lm_head.weight[t]  # logits of u and t now equal everywhere
+    ref = plain_greedy(model, [prompt], MAX_NEW, None).tokens[0]
+    k = next(i for i, x in enumerate(ref) if x in (t, u))
+    tie = first_divergence(model, prompt, ref, ref[:k] + [t + u - ref[k]] + ref[k + 1:])
+    assert tie["position"] == k and tie["logit_gap"] == 0.0 and tie["near_tie"], tie
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ref[:k]])).logits[0, -1]
+    worst = int(logits.argmin())
+    wrong = first_divergence(model, prompt, ref, ref[:k] + [worst])
+    assert not wrong["near_tie"] and wrong["logit_gap"] > 100 * wrong["tolerance"] > 0, wrong
+    short = first_divergence(model, prompt, ref, ref[:k])
+    assert short["other_token"] is None and not short["near_tie"]
+    assert first_divergence(model, prompt, ref, list(ref)) is None
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -56,3 +56,19 @@ def test_sampling_records_and_gate(setup):
     assert ref["lossless"] is False
     gate = GateConfig(min_tokens_per_step=0.0, min_speedup=0.0, beat_training_free=False)
     assert decide(ref, gate)["decided_by"] == "lossless"
+
+
+def test_lossless_verdict_with_divergences():
+    """A greedy mismatch passes only when every divergence is a numerical tie AND ties are allowed."""
+    from eval.evaluate import _lossless
+
+    tie = {"position": 3, "near_tie": True, "logit_gap": 0.01, "tolerance": 0.6}
+    real = {"position": 1, "near_tie": False, "logit_gap": 4.2, "tolerance": 0.6}
+    ours = {"lossless": False, "mismatched_prompts": ["p1"], "divergences": {"p1": tie}}
+    verdict = _lossless(EvalConfig(), ours)
+    assert verdict["lossless"] is True and verdict["lossless_exact"] is False and "numerical ties" in verdict["lossless_check"]
+    assert _lossless(EvalConfig(allow_numerical_ties=False), ours)["lossless"] is False
+    ours["divergences"]["p2"] = real
+    assert _lossless(EvalConfig(), ours)["lossless"] is False
+    exact = _lossless(EvalConfig(), {"lossless": True, "mismatched_prompts": []})
+    assert exact["lossless"] is True and exact["divergences"] == {}
