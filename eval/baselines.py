@@ -79,16 +79,16 @@ def prompt_lookup_generate(model, prompts: list[list[int]], max_new_tokens: int,
     start = time.perf_counter()
     with without_cuda_graphs(model):  # generate() keeps forward outputs (K/V) across forwards
         for prompt in prompts:
-            _prompt_lookup_one(model, prompt, max_new_tokens, eos_token_id, pad_token_id, num_tokens,
-                               max_ngram_size, stats, outputs)
+            outputs.append(_prompt_lookup_one(model, prompt, max_new_tokens, eos_token_id, pad_token_id, num_tokens,
+                                              max_ngram_size, stats))
     return GenerationResult(outputs, stats, time.perf_counter() - start)
 
 
 def _prompt_lookup_one(model, prompt: list[int], max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
-                       num_tokens: int, max_ngram_size: int, stats: DecodeStats, outputs: list) -> None:
+                       num_tokens: int, max_ngram_size: int, stats: DecodeStats) -> list[int]:
+    """One prompt through assisted generation; its steps are recorded into `stats`."""
     if max_new_tokens == 0:
-        outputs.append([])
-        return
+        return []
     input_ids = torch.tensor([prompt], device=model.device)
     log = ForwardLog(model)
     try:
@@ -104,4 +104,4 @@ def _prompt_lookup_one(model, prompt: list[int], max_new_tokens: int, eos_token_
     committed, verified = assisted_steps(log.calls, len(prompt), len(new))
     stats.record([c - 1 for c in committed], verified)
     stats.num_forwards += len(log.calls)
-    outputs.append(truncate(new, max_new_tokens, eos_token_id))
+    return truncate(new, max_new_tokens, eos_token_id)

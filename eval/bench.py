@@ -17,6 +17,7 @@ Writes <out>/bench.json and <out>/bench.png, prints a table, and records the bes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 from data.prompts import load_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import compare
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
+from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.evaluate import load_trained_drafter
 from eval.profile import profile_decoder
 from pipeline.base_model import load_base_model
@@ -72,9 +73,7 @@ def _row(name: str, m: dict) -> str:
 def _lossless(m: dict) -> str:
     """True; "ties (k)" when the k mismatched prompts all diverge at numerical ties; False otherwise."""
     divergences = m.get("divergences", {})
-    if m["lossless"] or not divergences or not all(d and d["near_tie"] for d in divergences.values()):
-        return str(m["lossless"])
-    return f"ties ({len(divergences)})"
+    return f"ties ({len(divergences)})" if not m["lossless"] and only_numerical_ties(divergences) else str(m["lossless"])
 
 
 HEADER = f"{'method':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}{'verified':>9}  lossless"
@@ -96,7 +95,7 @@ def main(argv=None) -> dict:
     prompts = load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)[:args.num_prompts]
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
-    explain = lambda p, a, b: first_divergence(model, p, a, b)  # noqa: E731
+    explain = functools.partial(first_divergence, model)
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     report: dict = {"device": str(model.device), "device_name": device_name, "dtype": str(model.dtype),
                     "threads": torch.get_num_threads(),

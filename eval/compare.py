@@ -105,10 +105,10 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
         speedups = [a / _tokens_per_s(b, every, batches) for a, b in zip(tps, runs[reference])]
         speedup, ci = mean_ci95(speedups)
         first = runs[name][0]
-        mismatched = sorted(prompts[i].id for i, (a, b) in enumerate(zip(first.tokens, base)) if a != b)
+        differ = [i for i, (a, b) in enumerate(zip(first.tokens, base)) if a != b]
+        mismatched = sorted(prompts[i].id for i in differ)
         merged = DecodeStats.merge(first.stats)
-        divergences = {prompts[i].id: explain(ids[i], b, a) for i, (a, b) in enumerate(zip(first.tokens, base))
-                       if a != b} if explain else {}
+        divergences = {prompts[i].id: explain(ids[i], base[i], first.tokens[i]) for i in differ} if explain else {}
         out[name] = {
             "tokens_per_s": sum(tps) / len(tps), "speedup": speedup, "speedup_ci95": ci,
             "speedup_per_repeat": speedups, "lossless": not mismatched, "mismatched_prompts": mismatched,

@@ -301,6 +301,11 @@ def first_divergence(model, prompt: list[int], reference: list[int], other: list
     return info | {"logit_gap": a - b, "tolerance": tolerance, "near_tie": abs(a - b) <= tolerance}
 
 
+def only_numerical_ties(divergences: dict) -> bool:
+    """True when there are divergences ({prompt id: first_divergence(...)}) and every one is a tie."""
+    return bool(divergences) and all(d["near_tie"] for d in divergences.values())
+
+
 # ---- decoding loops -------------------------------------------------------------------------
 
 @torch.no_grad()

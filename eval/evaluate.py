@@ -6,6 +6,7 @@ same process, interleaved repeats. Writes eval_record.json and eval.png into the
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.prompts import load_prompts
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
+from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.compare import compare
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
@@ -45,7 +46,7 @@ def _lossless(eval_cfg: EvalConfig, ours: dict) -> dict:
     test that the wrong rules fail); the reference rule is not lossless."""
     if eval_cfg.temperature == 0:
         divergences = ours.get("divergences", {})
-        ties = bool(divergences) and all(d and d["near_tie"] for d in divergences.values())
+        ties = only_numerical_ties(divergences)
         check = "token-for-token vs plain greedy"
         if divergences:
             check += (f"; {len(divergences)} prompt(s) diverge, " +
@@ -145,7 +146,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         prompts = prompts[: eval_cfg.num_prompts]
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
     t0 = time.time()
-    explain = (lambda p, a, b: first_divergence(model, p, a, b)) if eval_cfg.temperature == 0 else None
+    explain = functools.partial(first_divergence, model) if eval_cfg.temperature == 0 else None
     results = compare(methods, prompts, eval_cfg.batch_size, eval_cfg.repeats, explain=explain)
     if eval_cfg.temperature > 0:  # token equality says nothing when sampling; see _lossless()
         for m in results.values():

@@ -72,3 +72,37 @@ def test_lossless_verdict_with_divergences():
     assert _lossless(EvalConfig(), ours)["lossless"] is False
     exact = _lossless(EvalConfig(), {"lossless": True, "mismatched_prompts": []})
     assert exact["lossless"] is True and exact["divergences"] == {}
+
+
+def test_bench_end_to_end(setup, tmp_path):
+    """eval.bench on a run directory: sweep, baselines, batches, profile; JSON, PNG and the best
+    setting recorded in the run's eval record."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from eval.bench import main as bench
+    from pipeline.config import Config
+
+    model_cfg, data, root = setup
+    run = tmp_path / "run"
+    shutil.copytree(root / "drafter", run / "train" / "drafter")
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval_record.json").write_text("{}")
+    cfg = Config(model=model_cfg, data=data)
+    cfg.eval.max_new_tokens = 6
+    OmegaConf.save(OmegaConf.structured(cfg), run / "resolved_config.yaml")
+    threads = torch.get_num_threads()
+    try:
+        report = bench(["--run-dir", str(run), "--widths", "1,2", "--lengths", "2,3", "--batch-sizes", "1,2",
+                        "--num-prompts", "3", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["sweep"]) == {"plain", "W1L2", "W1L3", "W2L2", "W2L3"}
+    assert set(report["methods"]) == {"plain", "redrafter", "redrafter_no_tree", "redrafter_W1", "prompt_lookup",
+                                      "lookahead"}
+    assert all(m["lossless"] for m in report["sweep"].values()) and all(m["lossless"] for m in report["methods"].values())
+    assert set(report["batches"]) == {1, 2} and report["profile"]["spec_step_ms"] > 0
+    assert (run / "bench" / "bench.json").is_file() and (run / "bench" / "bench.png").is_file()
+    best = json.loads((run / "eval" / "eval_record.json").read_text())["best_setting"]
+    assert f"W{best['beam_width']}L{best['beam_length']}" in report["sweep"] and best["dtype"] == "torch.float32"
