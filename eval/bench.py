@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from data.prompts import load_prompts
+from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import compare
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
     drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
-    prompts = load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)[:args.num_prompts]
+    prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
+                             args.num_prompts, cfg.eval.seed)
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
     explain = functools.partial(first_divergence, model)

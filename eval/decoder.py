@@ -1,4 +1,4 @@
-"""Greedy speculative decoding with a ReDrafter drafter (spec section 3), and plain greedy decoding
+"""Greedy speculative decoding with a ReDrafter drafter (docs/design.md §3), and plain greedy decoding
 on the same cache machinery. Sampling (temperature > 0) lives in eval/sampling.py and plugs in here
 through `pick_next` (how the next g0 is chosen from logits) and `SpeculativeDecoder.step`.
 
@@ -84,7 +84,7 @@ def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at: i
     """(B, 1, Q, max_cache_len) ADDITIVE float mask: 0 where allowed, dtype-min elsewhere.
 
     Row b's queries see its committed slots < ctx_b and, inside [write_at, write_at + Q), their
-    tree ancestors. A boolean 4D mask is silently wrong under eager attention (spec section 6)."""
+    tree ancestors. A boolean 4D mask is silently wrong under eager attention (docs/design.md §6)."""
     B, Q, _ = tree_mask_BQQ.shape
     assert int(ctx_B.max()) <= write_at and write_at + Q <= max_cache_len
     slot_M = torch.arange(max_cache_len, device=ctx_B.device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from data.prompts import load_prompts
+from data.prompts import load_prompts, select_prompts
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.compare import compare
 from pipeline.base_model import input_embeddings, load_base_model
@@ -33,9 +33,10 @@ def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> D
             f"but the base model has vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}: "
             "tokenizer/vocab mismatch between drafter and base model"
         )
-    drafter = Drafter(arch, input_embeddings(base_model))
-    drafter.load_state_dict(load_file(str(drafter_dir / "drafter.safetensors")))
-    return drafter.to(base_model.device, dtype).eval()
+    from pipeline.export import drafter_from_state
+
+    state = load_file(str(drafter_dir / "drafter.safetensors"))
+    return drafter_from_state(arch, state, input_embeddings(base_model), dtype).to(base_model.device)
 
 
 def _lossless(eval_cfg: EvalConfig, ours: dict) -> dict:
@@ -142,8 +143,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
 
         incumbent = load_exported(incumbent_dir, input_embeddings(model), model.dtype).to(model.device)
     prompts = load_prompts(data_cfg.eval, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
-    if eval_cfg.num_prompts:
-        prompts = prompts[: eval_cfg.num_prompts]
+    prompts = select_prompts(prompts, eval_cfg.num_prompts, eval_cfg.seed)  # stratified by category
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
     t0 = time.time()
     explain = functools.partial(first_divergence, model) if eval_cfg.temperature == 0 else None
@@ -155,7 +155,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     record = {
         "inputs_hash": hash_json(inputs),
         "eval_set_hash": hash_json([(p.id, p.input_ids) for p in prompts]),
-        "num_prompts": len(prompts),
+        "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts],
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
         "temperature": eval_cfg.temperature, "reference_compatible": eval_cfg.reference_compatible,

@@ -1,4 +1,4 @@
-"""Decoding statistics, defined exactly as spec section 5.
+"""Decoding statistics, defined exactly as docs/design.md §5.
 
 One record per (decode step, active row): how many drafts that row accepted and how many packed
 tokens it verified. A row that has finished but still rides in the batch is not recorded.

@@ -1,4 +1,4 @@
-"""Speculative SAMPLING (temperature T > 0, spec section 3 "Verification, sampling") and plain sampling.
+"""Speculative SAMPLING (temperature T > 0, docs/design.md §3 "Verification, sampling") and plain sampling.
 
     decoder = SpeculativeDecoder(model, drafter, beam_width=4, beam_length=5, temperature=0.8)
     result = decoder.generate(prompts, 128, eos_token_id, generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eval.beam import _param_dtype, draft
+from eval.beam import _param_dtype, draft, vocab_logits
 from eval.decoder import (Acceptance, DecodeState, GenerationResult, _decode, commit, forward_tree,
                           plain_step)
 from eval.metrics import DecodeStats
@@ -128,7 +128,7 @@ def sample_chains(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, num_chains: i
     q_steps = []  # (B, W, V) per draft depth
     for k in range(1, L):
         state_BWS = drafter.next_state(state_BWS, tokens_BWL[..., k - 1])
-        q_BWV = probs_at(drafter.logits(h_BWH, state_BWS), temperature)
+        q_BWV = probs_at(vocab_logits(drafter, h_BWH, state_BWS), temperature)
         tokens_BWL = torch.cat([tokens_BWL, sample_probs(q_BWV, generator)[..., None]], dim=-1)
         q_steps.append(q_BWV)
     q_BWKV = torch.stack(q_steps, dim=2) if q_steps else h_BH.new_zeros(B, W, 0, 0, dtype=torch.float)

@@ -1,4 +1,4 @@
-"""Dynamic tree attention (spec section 3): pack the W beams' shared prefixes once.
+"""Dynamic tree attention (docs/design.md §3): pack the W beams' shared prefixes once.
 
 All beams share g0 and often more. For every (beam i, depth k) the token is a copy of the one at
 (smallest beam j with the same first k + 1 tokens, depth k); only those first occurrences are

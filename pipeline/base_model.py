@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.gguf import converted_dir, gguf_source, is_gguf
 from pipeline.lineage import hash_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -14,8 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory (absolute, or relative to the cwd or to the repo) or a hub name, as is."""
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local directory (absolute, or relative to the cwd or to the repo), the cached HF conversion of a
+    GGUF (pipeline/gguf.py: converted on first use), or a hub name, as is."""
+    name = cfg.base_model
+    if is_gguf(name):
+        return str(converted_dir(name, cfg.cache_dir, search_dirs=(REPO_ROOT,)))
     for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_dir():
             return str(candidate.resolve())
@@ -34,7 +39,7 @@ def _missing_model_error(name: str, err: Exception) -> ValueError:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.base_model)
+    path = resolve_model_path(cfg)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision or None,
                                              trust_remote_code=cfg.trust_remote_code)
@@ -47,7 +52,7 @@ def load_base_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = N
     over the visible GPUs; otherwise the model goes to `device`."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.base_model)
+    path = resolve_model_path(cfg)
     torch_dtype = DTYPES[dtype or cfg.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -71,8 +76,13 @@ def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
 
 
 def base_model_fingerprint(cfg: ModelConfig) -> str:
-    """Content hash of the base model's files (local dir or the hub cache's snapshot)."""
-    path = Path(resolve_model_path(cfg.base_model))
+    """Content hash of the base model's files (local dir or the hub cache's snapshot). A converted GGUF
+    is the hash of its converted files (checked when it was resolved), not of the absolute GGUF path
+    its source.json also records."""
+    path = Path(resolve_model_path(cfg))
+    source = gguf_source(path)
+    if source is not None:
+        return source["converted_hash"]
     if not path.is_dir():
         try:
             from huggingface_hub import snapshot_download

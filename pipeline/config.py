@@ -30,7 +30,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    base_model: str = "data/tiny_base"  # local directory or hub name
+    # local HF directory, hub name, GGUF file (path/to/x.gguf) or GGUF inside an installed package
+    # (pkg:<distribution>[/<file>.gguf]); a GGUF is converted once into cache_dir (pipeline/gguf.py)
+    base_model: str = "data/tiny_base"
+    cache_dir: str = ""  # converted GGUF models; "" = $DRAFTFORGE_CACHE/gguf or ~/.cache/draftforge/gguf
     revision: str = ""
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
@@ -72,6 +75,9 @@ class DrafterConfig:
     num_draft_layers: int = 2
     rnn: bool = True
     horizon: int = 5  # beam length trained, including g0 (TensorRT-LLM draft_len = horizon - 1)
+    # 0 = predict the full base vocabulary (the reference format); N > 0 = the N most frequent tokens of
+    # the teacher responses (a draft vocabulary: a much cheaper output layer; see docs/design.md)
+    draft_vocab_size: int = 0
 
 
 @dataclass
@@ -89,6 +95,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per worker per step
     grad_clip: float = 1.0
     position_weight_decay: float = 1.0  # loss weight of draft position i is decay**(i-1)
+    objective: str = "kl"  # kl: distill the teacher's top-k distribution | ce: the reference's hard-label CE
     heldout_fraction: float = 0.05
     log_every: int = 10
     checkpoint_every: int = 100
@@ -197,6 +204,7 @@ _CHOICES = {
     "data.chat_template": ("auto", "always", "never"),
     "teacher.hidden_dtype": ("float16", "bfloat16", "float32"),
     "train.precision": ("fp32", "bf16"),
+    "train.objective": ("kl", "ce"),
     "eval.device": ("cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),
@@ -231,12 +239,17 @@ def _value_problems(cfg: Config) -> list[str]:
         "train.log_every": cfg.train.log_every, "train.checkpoint_every": cfg.train.checkpoint_every,
     }
     p += [f"bad value for '{k}': {v!r}; must be > 0" for k, v in positive.items() if v <= 0]
+    if cfg.drafter.draft_vocab_size < 0:
+        p.append(f"bad value for 'drafter.draft_vocab_size': {cfg.drafter.draft_vocab_size}; must be >= 0 (0 = full)")
+    if 0 < cfg.drafter.draft_vocab_size <= cfg.eval.beam_width:
+        p.append(f"'drafter.draft_vocab_size'={cfg.drafter.draft_vocab_size} must exceed eval.beam_width="
+                 f"{cfg.eval.beam_width}")
     if cfg.drafter.horizon < 2:
         p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
     if cfg.eval.beam_length < 2:
         p.append(f"bad value for 'eval.beam_length': {cfg.eval.beam_length}; must be >= 2 (g0 + at least one draft)")
     if cfg.eval.beam_width > 50:
-        p.append("bad value for 'eval.beam_width': beam widths above 50 are meaningless (spec: top-50 logits)")
+        p.append("bad value for 'eval.beam_width': beam widths above 50 are meaningless (the reference keeps only the top-50 drafter logits)")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         p.append(f"bad value for 'train.zero_stage': {cfg.train.zero_stage}; choose 0, 1, 2 or 3")
     if cfg.eval.temperature < 0:

@@ -109,4 +109,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
             full = param.detach()
         if engine.global_rank == 0:
             state[name] = full.detach().float().cpu().clone()
+    d2t = getattr(engine.module, "d2t", None)  # the draft vocabulary's id map: a buffer, saved with the weights
+    if d2t is not None and engine.global_rank == 0:
+        state["d2t"] = d2t.detach().cpu().clone()
     return state

@@ -1,4 +1,4 @@
-"""The ReDrafter recurrent drafter (spec section 1). Imports only torch.
+"""The ReDrafter recurrent drafter (docs/design.md §1). Imports only torch.
 
     s_0 = 0
     s_t = SiLU(rnn_w(E[x_{t-1}]) + rnn_u(s_{t-1}))       x_0 = g0
@@ -9,6 +9,13 @@ Module names are chosen so that `state_dict()` keys ARE the reference export nam
 `lm_head.{i}.linear.{weight,bias}`, `lm_head.{N}.weight`, `rnn_w.weight`, `rnn_u.{weight,bias}`,
 `input_proj.{weight,bias}`. The base model's embedding table is a non-persistent buffer: used,
 frozen, never saved.
+
+Draft vocabulary (docs/design.md, "Draft vocabulary"): with `draft_vocab_size` N > 0 the output
+layer predicts only N tokens, the most frequent of the teacher's responses; `d2t[i]` is the base
+token id of draft index i (a persistent buffer, saved beside the weights). The RNN still reads the
+base model's full embedding table, since drafted tokens are base tokens. Losslessness does not
+depend on it: the base model verifies every token, and a token outside the draft vocabulary is
+simply never proposed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ class DrafterArch:
     num_draft_layers: int = 2
     rnn: bool = True
     horizon: int = 5  # trained beam length, INCLUDING g0 (reference `beam_length` convention)
+    draft_vocab_size: int = 0  # 0 = the full base vocabulary; N > 0 = an N-token draft vocabulary (d2t)
+
+    @property
+    def out_size(self) -> int:
+        """Rows of the output layer: the draft vocabulary, or the base vocabulary."""
+        return self.draft_vocab_size or self.vocab_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +60,16 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+def check_d2t(d2t: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """A draft -> base id map: n distinct base token ids."""
+    d2t = torch.as_tensor(d2t).long().flatten()
+    if d2t.numel() != n or int(d2t.min()) < 0 or int(d2t.max()) >= vocab_size or d2t.unique().numel() != n:
+        raise ValueError(f"d2t must hold {n} distinct token ids in [0, {vocab_size}); got {d2t.numel()} ids")
+    return d2t
+
+
 class Drafter(nn.Module):
-    def __init__(self, arch: DrafterArch, embed_weight_VH: torch.Tensor):
+    def __init__(self, arch: DrafterArch, embed_weight_VH: torch.Tensor, d2t: torch.Tensor | None = None):
         super().__init__()
         H, D, V = arch.hidden_size, arch.exit_dim, arch.vocab_size
         if tuple(embed_weight_VH.shape) != (V, H):
@@ -64,8 +85,16 @@ class Drafter(nn.Module):
         if D != 2 * H:
             self.input_proj = nn.Linear(2 * H, D)
         blocks: list[nn.Module] = [ResBlock(D) for _ in range(arch.num_draft_layers)]
-        blocks.append(nn.Linear(D, V, bias=False))
+        blocks.append(nn.Linear(D, arch.out_size, bias=False))
         self.lm_head = nn.Sequential(*blocks)
+        if arch.draft_vocab_size:
+            if not 0 < arch.draft_vocab_size <= V:
+                raise ValueError(f"draft_vocab_size={arch.draft_vocab_size} must be in [1, vocab_size={V}]")
+            if d2t is None:
+                raise ValueError("a draft-vocabulary drafter needs its d2t id map")
+            self.register_buffer("d2t", check_d2t(d2t, arch.draft_vocab_size, V))
+        elif d2t is not None:
+            raise ValueError("d2t given for a full-vocabulary drafter (draft_vocab_size=0)")
 
     def init_state(self, like_h: torch.Tensor, *batch_dims: int) -> torch.Tensor:
         """s_0 = 0, shaped (*batch_dims, H)."""
@@ -79,11 +108,21 @@ class Drafter(nn.Module):
         return state + emb  # rnn: false -> running sum of embeddings
 
     def logits(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """logits from context h and state s (same leading shape; h broadcast by the caller)."""
+        """Logits over the drafter's output space (the draft vocabulary when it has one: map an index i
+        to its base token with `d2t[i]`), from context h and state s (same leading shape)."""
         z = torch.cat([h.to(state.dtype), state], dim=-1)  # context first
         if hasattr(self, "input_proj"):
             z = self.input_proj(z)
         return self.lm_head(z)
+
+    def vocab_logits(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Logits over the base vocabulary: tokens outside the draft vocabulary get -inf (probability 0),
+        so the drafter's distribution q is a distribution over base tokens (sampling verification)."""
+        logits = self.logits(h, state)
+        if not self.arch.draft_vocab_size:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.arch.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.d2t, logits)
 
     def forward(self, h_NH: torch.Tensor, tokens_NK: torch.Tensor) -> torch.Tensor:
         """Teacher-forced drafting. tokens_NK[:, 0] is g0 and tokens_NK[:, i] the true token after it.
@@ -98,12 +137,30 @@ class Drafter(nn.Module):
         return torch.stack(out, dim=1)
 
 
-def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 0) -> Drafter:
+def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 0,
+                  d2t: torch.Tensor | None = None) -> Drafter:
     torch.manual_seed(seed)
-    return Drafter(arch, embed_weight_VH)
+    return Drafter(arch, embed_weight_VH, d2t)
 
 
 def make_arch(vocab_size: int, hidden_size: int, exit_dim: int = 0, num_draft_layers: int = 2,
-              rnn: bool = True, horizon: int = 5) -> DrafterArch:
-    """exit_dim 0 means the reference default, 2 * hidden_size."""
-    return DrafterArch(vocab_size, hidden_size, exit_dim or 2 * hidden_size, num_draft_layers, rnn, horizon)
+              rnn: bool = True, horizon: int = 5, draft_vocab_size: int = 0) -> DrafterArch:
+    """exit_dim 0 means the reference default, 2 * hidden_size; draft_vocab_size 0 the full vocabulary."""
+    return DrafterArch(vocab_size, hidden_size, exit_dim or 2 * hidden_size, num_draft_layers, rnn, horizon,
+                       min(draft_vocab_size, vocab_size))
+
+
+def select_draft_vocab(token_counts: dict[int, int] | torch.Tensor, n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """(d2t, coverage): the n most frequent tokens (ties: smaller id first), padded with the smallest
+    unseen ids when fewer than n tokens occur; coverage = their share of all counted tokens."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    if isinstance(token_counts, dict):
+        for t, c in token_counts.items():
+            counts[int(t)] += c
+    else:
+        counts += token_counts.double()
+    # a stable sort on -count keeps ids ascending among equal counts
+    order = torch.sort(-counts, stable=True).indices[:n]
+    total = float(counts.sum())
+    coverage = float(counts[order].sum()) / total if total else 0.0
+    return order.sort().values, coverage

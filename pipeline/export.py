@@ -1,10 +1,18 @@
-"""Export a drafter in the reference ReDrafter / TensorRT-LLM layout (spec section 2) and load it back.
+"""Export a drafter in the reference ReDrafter / TensorRT-LLM layout (docs/design.md §2) and load it back.
 
     <dir>/config.json        model_type "recurrent_drafting_drafter" + the keys the converters read
     <dir>/model.safetensors  ONE file, bf16 (or fp16), the spec's tensor names
 
 TensorRT-LLM's `examples/redrafter/convert_checkpoint.py` reads hidden_size, exit_dim,
 num_draft_layers and rnn from config.json; our extra keys are ignored by the loaders.
+
+Two kinds (docs/design.md, "Export format"):
+- full vocabulary (`draft_vocab_size` 0): exactly the reference format; Apple's reference PyTorch
+  and MLX loaders and TensorRT-LLM's converter accept it.
+- draft vocabulary (N > 0): a documented EXTENSION: the same tensors, but `lm_head.{N}.weight` has
+  N rows instead of vocab_size, plus `d2t` (int64 [N], draft index -> base token id), and config.json
+  says `draft_vocab_size: N`. The reference loaders and TensorRT-LLM's converter do NOT accept it
+  (they size the output layer by vocab_size); draftforge's own loader (`load_exported`) does.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 
 def expected_tensors(arch: DrafterArch) -> dict[str, tuple[int, ...]]:
     """name -> shape, exactly as the spec lists them."""
-    H, D, V, N = arch.hidden_size, arch.exit_dim, arch.vocab_size, arch.num_draft_layers
+    H, D, N = arch.hidden_size, arch.exit_dim, arch.num_draft_layers
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(N):
         shapes[f"lm_head.{i}.linear.weight"] = (D, D)
         shapes[f"lm_head.{i}.linear.bias"] = (D,)
-    shapes[f"lm_head.{N}.weight"] = (V, D)
+    shapes[f"lm_head.{N}.weight"] = (arch.out_size, D)
+    if arch.draft_vocab_size:
+        shapes["d2t"] = (arch.draft_vocab_size,)
     if arch.rnn:
         shapes.update({"rnn_u.weight": (H, H), "rnn_u.bias": (H,), "rnn_w.weight": (H, H)})
     if D != 2 * H:
@@ -58,9 +68,11 @@ def export_config(arch: DrafterArch, dtype: str) -> dict:
         "num_lookback_tokens": -1,  # unused by the recurrent drafter, kept for the loaders
         "rnn": arch.rnn,
         "torch_dtype": dtype,
-        # ours: the trained horizon in both conventions (the naming trap of spec section 2)
+        # ours: the trained horizon in both conventions (the naming trap of docs/design.md §2)
         "beam_length": arch.horizon,  # reference convention: INCLUDES g0
         "redrafter_draft_len_per_beam": arch.horizon - 1,  # TensorRT-LLM convention: excludes g0
+        # ours: 0 = the reference format; N > 0 = the draft-vocabulary extension (d2t tensor, N-row head)
+        "draft_vocab_size": arch.draft_vocab_size,
     }
 
 
@@ -76,7 +88,9 @@ def export_drafter(state: dict[str, torch.Tensor], arch: DrafterArch, out_dir: s
                       "serving with those TP sizes will need padding", stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous() for k, v in state.items()}
+    # the id map stays integer; weights go to the serving dtype
+    tensors = {k: v.detach().to("cpu", v.dtype if k == "d2t" else EXPORT_DTYPES[dtype]).contiguous()
+               for k, v in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(export_config(arch, dtype), indent=2) + "\n")
     return out
@@ -87,7 +101,8 @@ def arch_from_export_config(config: dict) -> DrafterArch:
         raise ValueError(f"not a ReDrafter drafter config: model_type={config.get('model_type')!r}")
     return DrafterArch(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
                        exit_dim=config["exit_dim"], num_draft_layers=config["num_draft_layers"],
-                       rnn=config["rnn"], horizon=config.get("beam_length", 5))
+                       rnn=config["rnn"], horizon=config.get("beam_length", 5),
+                       draft_vocab_size=config.get("draft_vocab_size", 0))
 
 
 def load_exported(export_dir: str | Path, embed_weight_VH: torch.Tensor, dtype=torch.float32) -> Drafter:
@@ -96,6 +111,15 @@ def load_exported(export_dir: str | Path, embed_weight_VH: torch.Tensor, dtype=t
     arch = arch_from_export_config(json.loads((export_dir / "config.json").read_text()))
     state = load_file(str(export_dir / "model.safetensors"))
     check_state_dict(state, arch)
-    drafter = Drafter(arch, embed_weight_VH)
-    drafter.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    return drafter.to(dtype).eval()
+    return drafter_from_state(arch, state, embed_weight_VH, dtype)
+
+
+def drafter_from_state(arch: DrafterArch, state: dict[str, torch.Tensor], embed_weight_VH: torch.Tensor,
+                       dtype=torch.float32) -> Drafter:
+    """A Drafter holding `state` (weights cast to dtype; the d2t id map, when there is one, kept as ids)."""
+    drafter = Drafter(arch, embed_weight_VH, state.get("d2t"))
+    drafter.load_state_dict({k: v if k == "d2t" else v.to(dtype) for k, v in state.items()})
+    d2t = drafter.d2t if arch.draft_vocab_size else None
+    drafter = drafter.to(dtype)  # .to(dtype) leaves integer buffers alone
+    assert d2t is None or drafter.d2t.dtype == torch.long
+    return drafter.eval()

@@ -1,4 +1,4 @@
-"""Distillation batches and loss (spec section 4): forward KL(teacher || drafter) per draft position.
+"""Distillation batches and loss (docs/design.md §4): forward KL(teacher || drafter) per draft position.
 
 Anchors. A teacher sequence stores n positions (pipeline/shards.py): tokens[j], the base model's
 post-norm hidden[j], and the teacher's distribution of the token AFTER tokens[j]. Anchor j
@@ -16,6 +16,17 @@ ours is the same with anchor j = t-1 (h is the state at t-1, which emitted x_t =
 Loss: forward KL over k+1 buckets: the teacher's top-k ids plus one tail bucket holding the rest of
 the vocabulary (drafter tail = logsumexp of the logits outside the top-k, exact in log space).
 Per position: masked mean over valid anchors; positions weighted by decay**(i-1), normalized.
+
+Draft vocabulary (drafter logits over N tokens, `t2d_V` maps a base id to its draft index or -1):
+the target is the teacher's distribution CONDITIONED on the token being draftable, p(x | x in Vd),
+over the buckets (teacher top-k ids inside Vd) + tail. Why this target: a drafter that can only
+propose tokens of Vd maximizes both acceptance rules with it. Greedy: the draft is accepted iff it
+is the teacher's argmax; among tokens of Vd the conditional has the same argmax as p. Sampling:
+acceptance is sum_x min(p(x), q(x)) over x in Vd (q is 0 elsewhere), at most P(Vd), and q = p(.|Vd)
+reaches it. Out-of-vocabulary top-k entries are dropped and the rest renormalized; the teacher's tail
+is counted as inside Vd (its split is not stored; with the N most frequent tokens covering almost
+all response tokens the out-of-vocabulary part of the tail is small). With the full vocabulary the
+loss is exactly the one above (no renormalization).
 """
 
 from __future__ import annotations
@@ -69,29 +80,55 @@ def position_weights(K: int, decay: float) -> torch.Tensor:
     return w / w.sum()
 
 
-def distill_loss(logits_NKV: torch.Tensor, batch: dict[str, torch.Tensor],
-                 weights_K: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distill_loss(logits_NKV: torch.Tensor, batch: dict[str, torch.Tensor], weights_K: torch.Tensor,
+                 t2d_V: torch.Tensor | None = None, d2t: torch.Tensor | None = None, objective: str = "kl",
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats). stats holds per-position SUMS (kl_sum_K, top1_sum_K, count_K) so that they
-    can be added over batches and ranks before dividing; see `position_metrics`."""
+    can be added over batches and ranks before dividing; see `position_metrics`. With a draft
+    vocabulary, logits are over its N tokens and t2d_V / d2t map base ids <-> draft indices.
+    objective "kl" minimizes the KL above; "ce" the reference's hard-label cross-entropy on the teacher's
+    top-1 token (the regenerated response token, for a greedy teacher); KL is reported either way."""
+    if objective not in ("kl", "ce"):
+        raise ValueError(f"loss objective must be kl or ce, got {objective!r}")
     logits = logits_NKV.float()
     log_z = logits.logsumexp(-1, keepdim=True)  # [N, K, 1]
     ids = batch["topk_ids_NKk"]
+    p_top = batch["topk_logprobs_NKk"]
+    if t2d_V is not None:  # teacher top-k -> draft indices; the ones outside the draft vocabulary drop out
+        ids = t2d_V[ids]
+        inside = ids >= 0
+        ids = ids.clamp_min(0)  # index 0 stands in for dropped entries: excluded below, never a real target
+        p_top = torch.where(inside, p_top, float("-inf"))
     q_top = logits.gather(-1, ids) - log_z  # drafter log-probs on the teacher's top-k
     # drafter tail: mass outside the top-k, as a logsumexp over those logits (no 1 - sum cancellation)
-    q_tail = (logits.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - log_z).clamp_min(_LOG_FLOOR)
-    p_log = torch.cat([batch["topk_logprobs_NKk"], batch["tail_logprob_NK"].unsqueeze(-1)], -1).clamp_min(_LOG_FLOOR)
+    if t2d_V is None:
+        outside_topk = logits.scatter(-1, ids, float("-inf"))
+    else:  # only the kept (draftable) top-k ids leave the tail; scatter_add is order-independent
+        hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(-1, ids, inside.to(torch.int32))
+        outside_topk = logits.masked_fill(hits > 0, float("-inf"))
+    q_tail = (outside_topk.logsumexp(-1, keepdim=True) - log_z).clamp_min(_LOG_FLOOR)
+    p_log = torch.cat([p_top, batch["tail_logprob_NK"].unsqueeze(-1)], -1)
+    if t2d_V is not None:  # condition on "the token is draftable": renormalize over the kept buckets
+        p_log = p_log - p_log.logsumexp(-1, keepdim=True)
+    p_log = p_log.clamp_min(_LOG_FLOOR)
     q_log = torch.cat([q_top, q_tail], -1)
     kl_NK = (p_log.exp() * (p_log - q_log)).sum(-1)
 
     mask = batch["mask_NK"].to(kl_NK.dtype)
     count_K = mask.sum(0)
     kl_sum_K = (kl_NK * mask).sum(0)
-    present = (count_K > 0).to(kl_NK.dtype)  # positions no anchor reaches carry no weight this batch
+    if objective == "kl":
+        obj_sum_K, obj_count_K = kl_sum_K, count_K
+    else:  # a top-1 outside the draft vocabulary cannot be a hard label: those anchors do not count
+        obj_mask = mask if t2d_V is None else mask * inside[..., 0].to(mask.dtype)
+        obj_sum_K, obj_count_K = (-q_top[..., 0] * obj_mask).sum(0), obj_mask.sum(0)
+    present = (obj_count_K > 0).to(kl_NK.dtype)  # positions no anchor reaches carry no weight this batch
     w = weights_K.to(kl_NK) * present
-    loss = (w * kl_sum_K / count_K.clamp_min(1)).sum() / w.sum().clamp_min(1e-12)
+    loss = (w * obj_sum_K / obj_count_K.clamp_min(1)).sum() / w.sum().clamp_min(1e-12)
 
     with torch.no_grad():
-        top1_NK = (logits.argmax(-1) == ids[..., 0]).to(kl_NK.dtype)
+        best = logits.argmax(-1) if d2t is None else d2t[logits.argmax(-1)]  # as a base token id
+        top1_NK = (best == batch["topk_ids_NKk"][..., 0]).to(kl_NK.dtype)
         stats = {"kl_sum_K": kl_sum_K.detach(), "top1_sum_K": (top1_NK * mask).sum(0), "count_K": count_K}
     return loss, stats
 

@@ -1,5 +1,5 @@
 """Teacher stage: regenerate responses with the frozen base model and record its hidden states and
-next-token distributions as parquet shards (layout: pipeline/shards.py; spec section 4).
+next-token distributions as parquet shards (layout: pipeline/shards.py; docs/design.md §4).
 
     import ray; ray.init()   # the pipeline driver does this
     manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run_dir / "teacher", seed=cfg.run.seed)
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
+from pipeline.gguf import gguf_source
 from pipeline.config import DataConfig, ModelConfig, TeacherConfig
 from pipeline.lineage import hash_json, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
@@ -145,6 +146,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def training_prompts(data_cfg: DataConfig, tokenizer) -> tuple[list, dict]:
+    """The training prompts and their accounting; prompts whose last user turn is also an eval prompt's
+    (case and whitespace aside) are removed and counted as `overlaps_eval`: checked, not assumed."""
+    from data.corpora import normalize
+    from data.prompts import load_prompt_set
+
+    prompts, accounting = load_prompt_set(data_cfg.train, tokenizer, data_cfg.max_prompt_tokens,
+                                          data_cfg.chat_template)
+    # only the eval texts matter here (the eval stage checks their lengths): no length limit
+    eval_prompts, _ = load_prompt_set(data_cfg.eval, tokenizer, 1 << 62, data_cfg.chat_template)
+    eval_texts = {normalize(p.user_text) for p in eval_prompts if p.user_text.strip()}
+    kept = [p for p in prompts if normalize(p.user_text) not in eval_texts]
+    if len(kept) < len(prompts):
+        print(f"teacher: {len(prompts) - len(kept)} training prompt(s) are also eval prompts; removed")
+    if not kept:
+        raise ValueError(f"no training prompts left in {data_cfg.train.path!r} after filtering: {accounting}")
+    # per source: considered = kept + skipped; then the overlap removal over all sources
+    return kept, {"sources": accounting, "loaded": len(prompts), "overlaps_eval_removed": len(prompts) - len(kept),
+                  "used": len(kept)}
+
+
 def _check_settings(teacher_cfg: TeacherConfig, config, prompts: list) -> None:
     if not 0 < teacher_cfg.top_k < config.vocab_size:
         raise ValueError(f"teacher.top_k={teacher_cfg.top_k} must be in [1, vocab_size={config.vocab_size})")
@@ -164,17 +186,13 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
     Expects Ray to be initialized."""
     from transformers import AutoConfig
 
-    from data.prompts import load_prompts
-
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_cfg)
-    model_path = resolve_model_path(model_cfg.base_model)
+    model_path = resolve_model_path(model_cfg)
     config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision or None,
                                         trust_remote_code=model_cfg.trust_remote_code).get_text_config()
     check_vocab(tokenizer, config.vocab_size, model_cfg.base_model)
-    prompts = load_prompts(data_cfg.train, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
-    if not prompts:
-        raise ValueError(f"no training prompts in {data_cfg.train.path!r}")
+    prompts, accounting = training_prompts(data_cfg, tokenizer)
     _check_settings(teacher_cfg, config, prompts)
     fingerprint = data_fingerprint(model_cfg, data_cfg, teacher_cfg, tokenizer, prompts, seed)
     claim_out_dir(out_dir, fingerprint)
@@ -203,7 +221,9 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
     shards = [{k: done[s["name"]][k] for k in ("name", "sha256", "rows", "tokens")} for s in specs]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "base_model": {"name": model_cfg.base_model, "path": model_path, "revision": model_cfg.revision},
+        "base_model": {"name": model_cfg.base_model, "path": model_path, "revision": model_cfg.revision,
+                       "gguf": gguf_source(model_path)},
+        "prompt_accounting": accounting,
         **{k: fingerprint[k] for k in ("base_model_hash", "tokenizer_hash", "recipe_hash", "prompts_hash", "recipe")},
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
         "top_k": teacher_cfg.top_k, "hidden_dtype": teacher_cfg.hidden_dtype,

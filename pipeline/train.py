@@ -1,4 +1,4 @@
-"""Train stage: distill the base model's teacher shards into a ReDrafter drafter (spec sections 1, 4)
+"""Train stage: distill the base model's teacher shards into a ReDrafter drafter (docs/design.md §1, §4)
 with Ray Train (TorchTrainer) workers, each running one DeepSpeed engine (pipeline/distributed.py).
 
     python -m pipeline.main recipe=tiny 'run.stages=[teacher,train]'     # the stage, through the pipeline
@@ -114,7 +114,7 @@ def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
     checkpoint when it can find it (a 70B model is not loaded per worker); else loads the model."""
     from pipeline.base_model import input_embeddings, load_base_model, resolve_model_path
 
-    path = Path(resolve_model_path(model_cfg.base_model))
+    path = Path(resolve_model_path(model_cfg))
     if path.is_dir():
         from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -136,9 +136,41 @@ def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
     return input_embeddings(model)
 
 
+def vocab_maps(d2t: torch.Tensor | None, vocab_size: int, device, objective: str) -> dict:
+    """distill_loss keyword arguments: the objective and, for a draft vocabulary, its id maps."""
+    if d2t is None:
+        return {"objective": objective}
+    t2d_V = torch.full((vocab_size,), -1, dtype=torch.long)
+    t2d_V[d2t] = torch.arange(d2t.numel())
+    return {"objective": objective, "t2d_V": t2d_V.to(device), "d2t": d2t.to(device)}
+
+
+def draft_vocabulary(teacher_dir: Path, manifest: dict, n: int) -> dict:
+    """The n most frequent tokens of the teacher responses (tokens[1:] of every sequence: what the
+    drafter must predict) and their coverage of those tokens. Reads only the token column."""
+    import pyarrow.parquet as pq
+
+    from pipeline.drafter import select_draft_vocab
+
+    if not n:
+        return {"size": 0}
+    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+    for shard in manifest["shards"]:
+        column = pq.read_table(Path(teacher_dir) / "shards" / shard["name"], columns=["tokens"])["tokens"]
+        responses = [np.asarray(seq[1:], dtype=np.int64) for seq in column.to_pylist()]
+        if responses:
+            counts += np.bincount(np.concatenate(responses), minlength=len(counts))
+    d2t, coverage = select_draft_vocab(torch.from_numpy(counts), min(n, manifest["vocab_size"]),
+                                       manifest["vocab_size"])
+    return {"size": int(d2t.numel()), "coverage": coverage, "distinct_tokens": int((counts > 0).sum()),
+            "d2t": d2t.tolist()}
+
+
 def _inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainConfig, seed: int) -> dict:
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY}
-    return {"teacher_manifest_hash": hash_json(manifest), "drafter": dataclasses.asdict(drafter_cfg),
+    # what the data IS, never when it was written: a repaired shard must not throw away training progress
+    data = {k: v for k, v in manifest.items() if k != "created_at"}
+    return {"teacher_manifest_hash": hash_json(data), "drafter": dataclasses.asdict(drafter_cfg),
             "train": train, "seed": seed}
 
 
@@ -151,7 +183,7 @@ def _check_base_model(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, manife
 
     if drafter_cfg.horizon < 2:
         raise ValueError(f"drafter.horizon={drafter_cfg.horizon}: must be >= 2 (g0 + at least one draft token)")
-    config = AutoConfig.from_pretrained(resolve_model_path(model_cfg.base_model), revision=model_cfg.revision or None,
+    config = AutoConfig.from_pretrained(resolve_model_path(model_cfg), revision=model_cfg.revision or None,
                                         trust_remote_code=model_cfg.trust_remote_code).get_text_config()
     for key in ("hidden_size", "vocab_size"):
         if manifest[key] != getattr(config, key):
@@ -188,12 +220,16 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
         raise ValueError("teacher shards are damaged; rerun the teacher stage:\n  " + "\n  ".join(problems))
     TeacherData(teacher_dir, manifest, train_cfg.batch_size, train_cfg.heldout_fraction, seed, 0,
                 train_cfg.num_workers)  # raises on a data/worker mismatch before any worker starts
+    draft_vocab = draft_vocabulary(teacher_dir, manifest, drafter_cfg.draft_vocab_size)
+    if draft_vocab["size"]:
+        print(f"train: draft vocabulary of {draft_vocab['size']} tokens covers {100 * draft_vocab['coverage']:.2f}% "
+              f"of the teacher's response tokens ({draft_vocab['distinct_tokens']} distinct)", flush=True)
     resumable = {**inputs, "train": {k: v for k, v in inputs["train"].items() if k != "max_steps"}}
     run_name = f"train-{hash_json(resumable)[:12]}"  # same inputs -> same run -> resume from its checkpoints
     loop_config = {"model_cfg": model_cfg, "drafter_cfg": drafter_cfg, "train_cfg": train_cfg,
                    "tracking_cfg": tracking_cfg, "teacher_dir": str(teacher_dir), "out_dir": str(out_dir),
                    "wandb_dir": str(wandb_dir or out_dir), "seed": seed, "wandb_group": wandb_group,
-                   "inputs": inputs, "run_name": run_name, "manifest": manifest}
+                   "inputs": inputs, "run_name": run_name, "manifest": manifest, "draft_vocab": draft_vocab}
     # Ray 2.60 Train v2 tees a worker's print() to its logger AND to Ray's wrapped stdout: every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated to the workers by Ray Train
     trainer = TorchTrainer(
@@ -225,10 +261,12 @@ def train_worker(config: dict) -> None:
     planned = tc.epochs * data.steps_per_epoch
     stop = tc.max_steps or planned
     arch = make_arch(manifest["vocab_size"], manifest["hidden_size"], dc.exit_dim, dc.num_draft_layers, dc.rnn,
-                     dc.horizon)
-    drafter = build_drafter(arch, load_embedding_table(config["model_cfg"]), seed=seed)
+                     dc.horizon, dc.draft_vocab_size)
+    d2t = torch.tensor(config["draft_vocab"]["d2t"]) if arch.draft_vocab_size else None
+    drafter = build_drafter(arch, load_embedding_table(config["model_cfg"]), seed=seed, d2t=d2t)
     engine = init_engine(drafter, tc, world, total_steps=max(planned, stop))  # max_steps does not rescale the lr
     K, weights = arch.horizon - 1, position_weights(arch.horizon - 1, tc.position_weight_decay)
+    maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)
     start = _resume(engine, data.steps_per_epoch, stop)
 
     group = config["wandb_group"]
@@ -241,7 +279,7 @@ def train_worker(config: dict) -> None:
     window, t0, metrics, last_ckpt = None, time.time(), {}, start
     for step in range(start, stop):
         batch = {k: v.to(engine.device) for k, v in make_batch(data.batch(step), K).items()}
-        loss, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights)
+        loss, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights, **maps)
         lr = engine.get_lr()[0]  # the lr of this step (engine.step moves the schedule on)
         engine.backward(loss)
         engine.step()
@@ -260,14 +298,16 @@ def train_worker(config: dict) -> None:
         elif done % tc.log_every == 0:
             ray.train.report(metrics)  # every rank reports the same number of times: it is a barrier
 
-    heldout = evaluate(engine, data, K, weights)
+    heldout = evaluate(engine, data, K, weights, maps)
     metrics = {**metrics, **heldout, "step": stop}
     if last_ckpt != stop:
         _checkpoint(engine, stop, data.steps_per_epoch, metrics, meta)
     state = full_state_dict(engine)  # every rank: a collective under ZeRO-3
     if rank == 0:
         _write_drafter(out_dir / "drafter", state, arch, {"inputs": config["inputs"], "steps": stop,
-                                                            "final": metrics, "run_name": config["run_name"]})
+                                                            "final": metrics, "run_name": config["run_name"],
+                                                            "draft_vocab": {k: v for k, v in config["draft_vocab"].items()
+                                                                            if k != "d2t"}})
         print(f"train: wrote {out_dir / 'drafter'}; held-out " +
               " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in heldout.items()), flush=True)
     run.summary.update(metrics)
@@ -311,7 +351,7 @@ def _window_metrics(window: dict, seconds: float, lr: float, step: int, steps_pe
 
 
 @torch.no_grad()
-def evaluate(engine, data: TeacherData, K: int, weights: torch.Tensor) -> dict:
+def evaluate(engine, data: TeacherData, K: int, weights: torch.Tensor, maps: dict | None = None) -> dict:
     """Per-position KL and top-1 agreement on the held-out sequences, summed over ranks. Every rank runs the
     same number of forwards (ZeRO-3 forwards are collective); a rank with fewer batches pads with a fully
     masked one."""
@@ -328,7 +368,7 @@ def evaluate(engine, data: TeacherData, K: int, weights: torch.Tensor) -> dict:
         batch = {k: v.to(engine.device) for k, v in make_batch(seqs, K).items()}
         if i >= len(batches):
             batch["mask_NK"] = torch.zeros_like(batch["mask_NK"])  # padding: counts nothing
-        _, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights)
+        _, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights, **(maps or {}))
         total = add_stats(total, stats)
     keys = sorted(total)
     flat = torch.cat([total[k].float() for k in keys])

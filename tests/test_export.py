@@ -1,4 +1,4 @@
-"""Export in the reference ReDrafter format reloads to identical logits (spec section 2)."""
+"""Export in the reference ReDrafter format reloads to identical logits (docs/design.md §2)."""
 
 import json
 
