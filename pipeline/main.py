@@ -94,9 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that must pass before Ray starts or anything is written: the base model resolves (a GGUF
+    is converted here, once, before any actor needs it), and the eval prompts load and fit. The
+    training prompts are checked by the teacher stage before it generates anything."""
+    from data.prompts import load_prompt_set
+    from pipeline.base_model import load_tokenizer, resolve_model_path
+
+    resolve_model_path(cfg.model)
+    if "eval" in cfg.run.stages:
+        load_prompt_set(cfg.data.eval, load_tokenizer(cfg.model), cfg.data.max_prompt_tokens, cfg.data.chat_template)
+
+
 def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     from pipeline.tracking import open_run
 
+    preflight(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)

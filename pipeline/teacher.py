@@ -32,7 +32,7 @@ from pipeline.lineage import hash_json, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
 
 SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
-EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "batch_size")  # may change between resumes
+EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size")  # may change between resumes
 
 
 def shard_name(index: int) -> str:
@@ -245,7 +245,7 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
     ds = ds.map_batches(
         TeacherWorker, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(teacher_cfg.num_actors, len(pending))),
-        num_gpus=teacher_cfg.gpus_per_actor,
+        num_gpus=teacher_cfg.gpus_per_actor, num_cpus=teacher_cfg.cpus_per_actor,
         fn_constructor_kwargs={"model_cfg": model_cfg, "teacher_cfg": teacher_cfg,
                                "shards_dir": str(out_dir / SHARDS), "eos_id": tokenizer.eos_token_id,
                                "pad_id": tokenizer.pad_token_id, "seed": seed},
@@ -276,6 +276,7 @@ class TeacherWorker:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # this process is ours: no per-actor "Loading weights" bars
+        torch.set_num_threads(teacher_cfg.cpus_per_actor)  # as many threads as Ray reserved cores
         gpus = teacher_cfg.gpus_per_actor
         device_map = "auto" if gpus >= 1 else None  # one replica spread over the actor's GPUs
         self.model, _ = load_base_model(model_cfg, device="cuda" if 0 < gpus < 1 else "cpu", device_map=device_map)
