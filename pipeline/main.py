@@ -148,7 +148,8 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
 def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     """Eval (vs plain, the training-free baselines and the incumbent), gate, export, registry."""
     from eval.evaluate import eval_set_key, run_eval
-    from pipeline.base_model import base_model_fingerprint
+    from pipeline.base_model import base_model_fingerprint, resolve_model_path
+    from pipeline.gguf import gguf_source
     from pipeline.gate import decide, find_incumbent, publish, record_promotion
     from pipeline.lineage import code_version, hash_json, sha256_file
 
@@ -169,6 +170,7 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     teacher_manifest = run_dir / "teacher" / "manifest.json"
     lineage = {
         "base_model": cfg.model.base_model, "base_model_hash": base_hash,
+        "base_model_gguf": gguf_source(resolve_model_path(cfg.model)),  # GGUF file, sha256, quantization
         "teacher_manifest_hash": hash_json(json.loads(teacher_manifest.read_text()))
         if teacher_manifest.is_file() else None,
         "drafter_sha256": candidate_sha, "incumbent": str(incumbent) if incumbent else None,
@@ -208,6 +210,14 @@ def print_summary(summary: dict) -> None:
         for name, m in r.get("methods", {}).items():
             print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
                   f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:.2f}  {m['lossless']}")
+        categories = sorted({c for m in r.get("methods", {}).values() for c in m.get("by_category", {})})
+        if categories:
+            names = list(r["methods"])
+            print(f"  per category (tau / speedup vs plain): " + "  ".join(names))
+            for c in categories:
+                cells = [r["methods"][n].get("by_category", {}).get(c) for n in names]
+                print(f"    {c:<12}" + "".join(f"{x['tokens_per_step']:>6.2f} /{x['speedup']:>5.2f}x" if x else f"{'-':>15}"
+                                           for x in cells))
         print(f"{'PROMOTED' if d['promoted'] else 'NOT promoted (kept as candidate)'}: {d['reason']}")
         print(f"drafter: {summary['export_dir']}")
     print(f"W&B run: {summary.get('wandb')}")

