@@ -159,6 +159,12 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
         raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")
     candidate_sha = sha256_file(drafter_dir / "drafter.safetensors")
     base_hash = base_model_fingerprint(cfg.model)
+    trained_for = json.loads((drafter_dir / "train_metrics.json").read_text()).get("base_model_hash") \
+        if (drafter_dir / "train_metrics.json").is_file() else None
+    if trained_for and trained_for != base_hash:
+        raise ValueError(f"the drafter in {drafter_dir} was trained on teacher data of another base model (hash "
+                         f"{trained_for[:12]}..., model.base_model {cfg.model.base_model!r} is {base_hash[:12]}...): "
+                         "rerun the teacher and train stages for this base model, or point at its run directory")
     set_key = eval_set_key(cfg.data, cfg.eval)
     registry = Path(cfg.gate.registry_dir or Path(cfg.run.output_dir) / "registry").resolve()
     incumbent = find_incumbent(registry, base_hash, set_key, candidate_sha)

