@@ -216,6 +216,12 @@ def print_summary(summary: dict) -> None:
         for name, m in r.get("methods", {}).items():
             print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
                   f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:.2f}  {m['lossless']}")
+        methods = r.get("methods", {})
+        free = {k: v for k, v in methods.items() if k not in ("plain", "redrafter", "incumbent")}
+        best_free = max(free, key=lambda k: free[k]["speedup"], default=None)
+        if best_free and free[best_free]["speedup"] > r["speedup"]:
+            print(f"fastest here: {best_free} ({free[best_free]['speedup']:.2f}x), a training-free method, beats the "
+                  f"drafter ({r['speedup']:.2f}x) on this base model and eval set")
         categories = sorted({c for m in r.get("methods", {}).values() for c in m.get("by_category", {})})
         if categories:
             names = list(r["methods"])

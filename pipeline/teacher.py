@@ -289,13 +289,19 @@ class TeacherWorker:
     def __call__(self, batch: dict) -> dict:
         assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"
         name, prompts = str(batch["name"][0]), json.loads(batch["prompts"][0])
-        seqs = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            chunk = prompts[start:start + self.cfg.batch_size]
+        # Batches of similar lengths: a batch is padded to its longest prompt, so length-sorted batches
+        # waste far less compute on padding (real chat prompts range from 10 to 500 tokens). Rows are
+        # written back in prompt order; sorting is stable, so the shard is deterministic.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))
+        by_index = {}
+        for start in range(0, len(order), self.cfg.batch_size):
+            chunk = [prompts[i] for i in order[start:start + self.cfg.batch_size]]
             ids = [p["input_ids"] for p in chunk]
             seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
             responses = generate_responses(self.model, ids, self.cfg, self.eos_ids, self.pad_id, seeds)
-            seqs += teacher_records(self.model, [p["id"] for p in chunk], ids, responses, self.cfg)
+            records = teacher_records(self.model, [p["id"] for p in chunk], ids, responses, self.cfg)
+            by_index.update(zip(order[start:start + self.cfg.batch_size], records))
+        seqs = [by_index[i] for i in range(len(prompts))]
         path = self.shards_dir / name
         write_shard(seqs, path, self.cfg.hidden_dtype)
         return {"name": [name], "sha256": [sha256_file(path)], "rows": [len(seqs)],
