@@ -172,9 +172,27 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "methods": {k: {kk: vv for kk, vv in v.items() if kk != "decode_stats"} for k, v in results.items()},
         "seconds": time.time() - t0,
     }
+    if eval_cfg.temperature == 0 and eval_cfg.profile_prompts > 0:
+        record.update(ideal_speedup(model, drafter, eval_cfg, prompts, tokenizer.eos_token_id, record))
     plot_record(record, out_dir / "eval.png")
     record_path.write_text(json.dumps(record, indent=2) + "\n")  # written last: it marks the stage done
     return record
+
+
+def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int | None, record: dict) -> dict:
+    """What a decoder whose step cost only the verify forward would reach at the measured tau:
+    ideal = tau x t(plain step) / t(verify forward over the packed tree), both timed here on a few
+    prompts (eval/profile.py); decoder efficiency = measured speedup / ideal (docs/design.md §5)."""
+    from eval.profile import profile_decoder
+
+    decoder = SpeculativeDecoder(model, drafter, eval_cfg.beam_width, eval_cfg.beam_length)
+    prof = profile_decoder(decoder, [p.input_ids for p in prompts[:eval_cfg.profile_prompts]],
+                           eval_cfg.max_new_tokens, eos)
+    ideal = record["tokens_per_step"] * prof["plain_step_ms"] / prof["ms_per_step"]["base_forward"]
+    return {"ideal_speedup": ideal, "decoder_efficiency": record["speedup"] / ideal,
+            "step_profile": {"plain_step_ms": prof["plain_step_ms"], "spec_step_ms": prof["spec_step_ms"],
+                             "ms_per_step": prof["ms_per_step"], "cost_ratio": prof["cost_ratio"],
+                             "profiled_prompts": eval_cfg.profile_prompts}}
 
 
 def plot_record(record: dict, path: Path) -> None:

@@ -123,6 +123,9 @@ class EvalConfig:
     # torch.compile the base model for every decoding method of the run (plain, ours, baselines):
     # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune
     compile: str = "none"
+    # greedy: profile this many eval prompts after the timed run (eval/profile.py) to record the ideal
+    # speedup (tau x plain step / verify forward) and the decoder efficiency (measured / ideal); 0 = skip
+    profile_prompts: int = 3
 
 
 @dataclass

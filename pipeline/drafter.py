@@ -10,7 +10,7 @@ Module names are chosen so that `state_dict()` keys ARE the reference export nam
 `input_proj.{weight,bias}`. The base model's embedding table is a non-persistent buffer: used,
 frozen, never saved.
 
-Draft vocabulary (docs/design.md, "Draft vocabulary"): with `draft_vocab_size` N > 0 the output
+Draft vocabulary (docs/design.md §7): with `draft_vocab_size` N > 0 the output
 layer predicts only N tokens, the most frequent of the teacher's responses; `d2t[i]` is the base
 token id of draft index i (a persistent buffer, saved beside the weights). The RNN still reads the
 base model's full embedding table, since drafted tokens are base tokens. Losslessness does not

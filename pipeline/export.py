@@ -6,7 +6,7 @@
 TensorRT-LLM's `examples/redrafter/convert_checkpoint.py` reads hidden_size, exit_dim,
 num_draft_layers and rnn from config.json; our extra keys are ignored by the loaders.
 
-Two kinds (docs/design.md, "Export format"):
+Two kinds (docs/design.md §2):
 - full vocabulary (`draft_vocab_size` 0): exactly the reference format; Apple's reference PyTorch
   and MLX loaders and TensorRT-LLM's converter accept it.
 - draft vocabulary (N > 0): a documented EXTENSION: the same tensors, but `lm_head.{N}.weight` has

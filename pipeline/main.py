@@ -212,6 +212,12 @@ def print_summary(summary: dict) -> None:
         print(f"speedup vs plain greedy: {r['speedup']:.2f}x ± {r['speedup_ci95']:.2f} "
               f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
         print(f"lossless: {r['lossless']}")
+        if "ideal_speedup" in r:
+            prof = r["step_profile"]
+            print(f"ideal speedup here: {r['ideal_speedup']:.2f}x (tau x plain step {prof['plain_step_ms']:.1f} ms / "
+                  f"verify forward {prof['ms_per_step']['base_forward']:.1f} ms); decoder efficiency "
+                  f"{r['decoder_efficiency']:.2f}; drafter {100 * prof['cost_ratio']['ratio']:.1f}% of a base token "
+                  "per draft")
         print(f"  {'method':<14}{'tau':>6}{'tokens/s':>10}{'speedup':>16}  lossless")
         for name, m in r.get("methods", {}).items():
             print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"

@@ -1,4 +1,4 @@
-"""Draft vocabulary (docs/design.md): the drafter predicts N base tokens through a d2t id map.
+"""Draft vocabulary (docs/design.md §7): the drafter predicts N base tokens through a d2t id map.
 
     python -m pytest tests/test_draft_vocab.py -q
 

@@ -44,6 +44,10 @@ def test_greedy_record(setup):
     assert set(rec["methods"]["redrafter"]["by_category"]) == {"a", "b"}
     assert 1.0 <= rec["tokens_per_step"] <= 3 and rec["speedup"] > 0
     assert (setup[2] / "greedy" / "eval.png").is_file()
+    prof = rec["step_profile"]  # ideal = tau x plain step / verify forward, timed in the same run
+    assert rec["ideal_speedup"] == pytest.approx(rec["tokens_per_step"] * prof["plain_step_ms"]
+                                                 / prof["ms_per_step"]["base_forward"])
+    assert rec["decoder_efficiency"] == pytest.approx(rec["speedup"] / rec["ideal_speedup"])
     again = _eval(setup, "greedy", baselines=["lookahead"])  # same inputs: reused, not re-measured
     assert again == rec
 
