@@ -90,8 +90,33 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: bad model path, bad data, mismatched inputs
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. {_saved(run_dir)} Rerun the same command to resume: "
+              f"python -m pipeline.main {' '.join(argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else: one line, the full traceback in the run directory
+        import traceback
+
+        log = run_dir / "error.log"
+        if run_dir.is_dir():
+            log.write_text(traceback.format_exc())
+        print(f"error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_saved(run_dir)} "
+              + (f"Full traceback: {log}. " if log.is_file() else "")
+              + "Rerun the same command to resume.", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
+
+
+def _saved(run_dir: Path) -> str:
+    """What a stopped run keeps, from its summary.json (written as stages finish)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return "Nothing was saved yet."
+    stages = json.loads(path.read_text()).get("stages", {})
+    done = [k for k, v in stages.items() if v == "done"]
+    return (f"Saved in {run_dir}: " + (f"finished stages {', '.join(done)}; " if done else "")
+            + "finished teacher shards and training checkpoints are kept (summary.json has each stage's status).")
 
 
 def preflight(cfg: Config) -> None:
@@ -116,8 +141,15 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     tracker = open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-pipeline", job_type="pipeline",
                        group=cfg.run.name, config=to_dict(cfg))
     times: dict[str, float] = {}
-    summary: dict = {"run_dir": str(run_dir), "stage_seconds": times}
+    status: dict[str, str] = {stage: "pending" for stage in cfg.run.stages}
+    summary: dict = {"run_dir": str(run_dir), "stage_seconds": times, "stages": status}
+
+    def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+    current = None
     try:
+        current = "teacher"
         if "teacher" in cfg.run.stages:
             from pipeline.teacher import run_teacher
 
@@ -126,6 +158,9 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
             times["teacher"] = time.time() - t
             tracker.log({"teacher/sequences": manifest["num_sequences"], "teacher/tokens": manifest["num_tokens"],
                          "teacher/seconds": times["teacher"]})
+            status["teacher"] = "done"
+            write_summary()
+        current = "train"
         if "train" in cfg.run.stages:
             from pipeline.train import run_train
 
@@ -136,12 +171,21 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
             times["train"] = time.time() - t
             summary["train"] = train_result
             tracker.log({"train/seconds": times["train"]})
+            status["train"] = "done"
+            write_summary()
+        current = "eval"
         if "eval" in cfg.run.stages:
             summary.update(evaluate_and_gate(cfg, run_dir, tracker, times))
+            status["eval"] = "done"
+    except BaseException as e:  # KeyboardInterrupt too: record where it stopped, then let main() report it
+        if current in status:
+            status[current] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            summary["error"] = {"stage": current, "type": e.__class__.__name__, "message": str(e)[:2000]}
+        raise
     finally:
         summary["wandb"] = tracker_location(tracker)
         tracker.finish()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_summary()
     return summary
 
 
