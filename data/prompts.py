@@ -191,6 +191,9 @@ def _load_file_prompts(source, tokenizer, max_prompt_tokens: int, chat_template:
         raise ValueError(f"chat_template must be auto, always or never, got {chat_template!r}")
     if not source.path:
         raise ValueError("prompt source path is empty")
+    if chat_template == "never" and getattr(tokenizer, "chat_template", None):
+        warnings.warn(f"data.chat_template is 'never' but the tokenizer has a chat template: prompts of "
+                      f"{source.path!r} go to the model as plain text, not as the chat turns it was tuned on")
     if chat_template == "always" and not getattr(tokenizer, "chat_template", None):
         warnings.warn("data.chat_template is 'always' but the tokenizer has no chat template: "
                       "prompts are used as plain text")

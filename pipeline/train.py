@@ -136,6 +136,14 @@ def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
     return input_embeddings(model)
 
 
+def check_schedule(train_cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """Warn about a warmup the run never finishes (the lr would never reach its peak)."""
+    planned = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    if train_cfg.warmup_steps >= planned:
+        warnings.warn(f"train.warmup_steps={train_cfg.warmup_steps} >= the run's {planned} steps: the learning rate "
+                      f"never reaches train.lr={train_cfg.lr}; lower warmup_steps")
+
+
 def vocab_maps(d2t: torch.Tensor | None, vocab_size: int, device, objective: str) -> dict:
     """distill_loss keyword arguments: the objective and, for a draft vocabulary, its id maps."""
     if d2t is None:
@@ -212,14 +220,16 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     inputs = _inputs(manifest, drafter_cfg, train_cfg, seed)
     drafter_dir = out_dir / "drafter"
     done = drafter_dir / "train_metrics.json"
-    if all((drafter_dir / f).is_file() for f in DRAFTER_FILES) and json.loads(done.read_text())["inputs"] == inputs:
-        print(f"train: reusing the trained drafter in {drafter_dir} (same teacher data and config)")
-        return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}
+    # checked before reusing anything too: a drafter is only as good as the shards it was trained on
     problems = verify_shards(teacher_dir)
     if problems:
         raise ValueError("teacher shards are damaged; rerun the teacher stage:\n  " + "\n  ".join(problems))
-    TeacherData(teacher_dir, manifest, train_cfg.batch_size, train_cfg.heldout_fraction, seed, 0,
-                train_cfg.num_workers)  # raises on a data/worker mismatch before any worker starts
+    if all((drafter_dir / f).is_file() for f in DRAFTER_FILES) and json.loads(done.read_text())["inputs"] == inputs:
+        print(f"train: reusing the trained drafter in {drafter_dir} (same teacher data and config)")
+        return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}
+    data = TeacherData(teacher_dir, manifest, train_cfg.batch_size, train_cfg.heldout_fraction, seed, 0,
+                       train_cfg.num_workers)  # raises on a data/worker mismatch before any worker starts
+    check_schedule(train_cfg, data.steps_per_epoch)
     draft_vocab = draft_vocabulary(teacher_dir, manifest, drafter_cfg.draft_vocab_size)
     if draft_vocab["size"]:
         print(f"train: draft vocabulary of {draft_vocab['size']} tokens covers {100 * draft_vocab['coverage']:.2f}% "

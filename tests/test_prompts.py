@@ -81,7 +81,8 @@ def test_chat_messages_and_text_wrapping(tmp_path, chat_tokenizer):
     text_path = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "write add"}])
     [wrapped] = load_prompts(PromptSource(path=str(text_path)), chat_tokenizer, 128, "always")
     assert wrapped.text == "<user>write add\n<assistant>"
-    [plain] = load_prompts(PromptSource(path=str(text_path)), chat_tokenizer, 128, "never")
+    with pytest.warns(UserWarning, match="has a chat template: prompts .* go to the model as plain text"):
+        [plain] = load_prompts(PromptSource(path=str(text_path)), chat_tokenizer, 128, "never")
     assert plain.text == "write add"
 
 

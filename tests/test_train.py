@@ -155,6 +155,16 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(full_run, tiny_model_di
     run_train(model_cfg, DRAFTER, dataclasses.replace(TRAIN, max_steps=20), off, teacher_dir, tmp_path)
     assert "reusing" in capsys.readouterr().out
 
+    # the same inputs over a damaged copy of the shards: refused, not reused unchecked
+    import shutil
+
+    damaged = tmp_path.parent / f"{tmp_path.name}-damaged-teacher"
+    shutil.copytree(teacher_dir, damaged)
+    shard = sorted((damaged / "shards").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="damaged"):
+        run_train(model_cfg, DRAFTER, dataclasses.replace(TRAIN, max_steps=20), off, damaged, tmp_path)
+
 
 def test_mismatched_teacher_data_is_refused(tiny_model_dir, teacher_dir, tmp_path):
     import shutil
