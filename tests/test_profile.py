@@ -1,6 +1,7 @@
 """The step profiler times the decoder's own phases and sees the same acceptance as the decoder."""
 
 import pytest
+import torch
 
 from eval.decoder import SpeculativeDecoder
 from eval.profile import PHASES, profile_decoder
@@ -36,3 +37,17 @@ def test_cost_ratio_counts_matmul_weights():
     assert c["base_macs_per_token"] == base
     assert c["drafter_macs_per_draft"] == 2 * H * H + 2 * (2 * H) ** 2 + 2 * H * V  # rnn_w, rnn_u, 2 blocks, head
     assert c["drafts_per_step"] == 16
+
+
+def test_forward_cost_curve(tiny_model_dir):
+    from eval.forward_cost import main as forward_cost
+
+    threads = torch.get_num_threads()
+    try:
+        report = forward_cost(["--model", str(tiny_model_dir), "--queries", "1,4", "--context", "16", "--repeats", "3",
+                               "--threads", "1", "--profile"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["ms"]) == {1, 4} and all(m["min"] <= m["median"] <= m["max"] for m in report["ms"].values())
+    b = report["profile"][4]
+    assert b["mm_ms"] > 0 and b["total_ms"] >= b["mm_ms"] + b["attention_ms"]

