@@ -19,7 +19,7 @@ def test_ci_runs_exactly_the_readme_setup_and_test_commands():
     quick_start = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     setup, test, run = _commands(quick_start)
     assert ci == [setup, test]
-    assert "pytest" in test and "pipeline.main recipe=tiny" in run
+    assert "pytest" in test and "pipeline.main recipe=smollm2" in run  # the main job: the real model
 
 
 def test_launch_scripts_parse_and_their_python_targets_exist():
