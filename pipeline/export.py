@@ -119,7 +119,4 @@ def drafter_from_state(arch: DrafterArch, state: dict[str, torch.Tensor], embed_
     """A Drafter holding `state` (weights cast to dtype; the d2t id map, when there is one, kept as ids)."""
     drafter = Drafter(arch, embed_weight_VH, state.get("d2t"))
     drafter.load_state_dict({k: v if k == "d2t" else v.to(dtype) for k, v in state.items()})
-    d2t = drafter.d2t if arch.draft_vocab_size else None
-    drafter = drafter.to(dtype)  # .to(dtype) leaves integer buffers alone
-    assert d2t is None or drafter.d2t.dtype == torch.long
-    return drafter.eval()
+    return drafter.to(dtype).eval()  # Module.to(dtype) casts floating tensors only: d2t stays int64
