@@ -44,6 +44,7 @@ class RawPrompt:
     id: str
     messages: list[dict]  # ends with the user turn to answer
     category: str = ""
+    reply: str = ""  # the corpus's own answer to the last user turn, when it has one (teacher.responses=corpus)
 
     @property
     def user_text(self) -> str:
@@ -151,7 +152,10 @@ def sharegpt_prompts(acc: Accounting, max_prompts: int = 0) -> Iterator[RawPromp
             elif not _alternates(messages):
                 acc.skip("bad_roles")
             else:
-                yield RawPrompt(id=f"{rid}:{i}", messages=[dict(m) for m in messages])
+                after = turns[i + 1] if i + 1 < len(turns) else None
+                reply = after.get("value") if isinstance(after, dict) and _ROLES.get(after.get("from")) == "assistant" else ""
+                yield RawPrompt(id=f"{rid}:{i}", messages=[dict(m) for m in messages],
+                                reply=reply if isinstance(reply, str) else "")
                 if max_prompts and acc.kept >= max_prompts:
                     return
 

@@ -41,6 +41,9 @@ class Prompt:
     input_ids: list[int]
     category: str = ""
     user_text: str = ""  # the last user turn as written (before templating): for train/eval overlap checks
+    # the corpus's own reply as it follows `input_ids` in the chat template (ends with the template's end of
+    # turn); None when the source has no reply for this prompt. Used by teacher.responses=corpus.
+    reply_ids: list[int] | None = None
 
 
 def humaneval_file() -> Path:
@@ -175,7 +178,8 @@ def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
             continue
         seen.add(text)
         acc.kept += 1
-        prompts.append(Prompt(id=r.id, text=text, input_ids=input_ids, category=r.category, user_text=r.user_text))
+        prompts.append(Prompt(id=r.id, text=text, input_ids=input_ids, category=r.category, user_text=r.user_text,
+                              reply_ids=reply_tokens(r, input_ids, tokenizer)))
         if source.limit and len(prompts) >= source.limit:
             break
     if acc.notes:
@@ -184,6 +188,21 @@ def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
         raise ValueError(f"prompt source {source.path!r}: no prompt left after filtering "
                          f"({acc.considered} considered, skipped {dict(acc.skipped)})")
     return prompts, acc.to_dict()
+
+
+def reply_tokens(raw, prompt_ids: list[int], tokenizer) -> list[int] | None:
+    """The tokens of `raw.reply` exactly as the chat template renders it after the prompt: the template
+    applied to the conversation with the reply appended, minus the prompt's own tokens. None when there is
+    no reply, or when the template renders earlier turns differently once a reply follows (then the
+    prompt tokens are not a prefix and a reply cut out of it would not be what the model sees)."""
+    if not raw.reply.strip():
+        return None
+    full = tokenizer.apply_chat_template(raw.messages + [{"role": "assistant", "content": raw.reply}],
+                                         add_generation_prompt=False, tokenize=False)
+    full_ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    if full_ids[:len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+        return None
+    return full_ids[len(prompt_ids):]
 
 
 def _load_file_prompts(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> list:

@@ -65,6 +65,11 @@ class TeacherConfig:
     batch_size: int = 8
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy regeneration
+    # generate: the base model regenerates every response (self-distillation; the product's default)
+    # corpus: the corpus's own reply to each prompt (ShareGPT's assistant turn), run through the base model
+    #   teacher-forced: no generation, ~10x more recorded tokens per second; the targets are still the base
+    #   model's own next-token distributions (docs/design.md §4)
+    responses: str = "generate"
     top_k: int = 32  # teacher log-probs kept per token
     shard_size: int = 64  # prompts per shard (the unit of resume)
     hidden_dtype: str = "float16"  # storage dtype of hidden states
@@ -207,6 +212,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.chat_template": ("auto", "always", "never"),
     "teacher.hidden_dtype": ("float16", "bfloat16", "float32"),
+    "teacher.responses": ("generate", "corpus"),
     "train.precision": ("fp32", "bf16"),
     "train.objective": ("kl", "ce"),
     "eval.device": ("cpu", "cuda"),
@@ -261,6 +267,9 @@ def _value_problems(cfg: Config) -> list[str]:
         p.append("bad value for 'eval.temperature': must be >= 0")
     if cfg.teacher.temperature < 0:
         p.append("bad value for 'teacher.temperature': must be >= 0")
+    if cfg.teacher.responses == "corpus" and cfg.teacher.temperature > 0:
+        p.append("'teacher.temperature' applies to generated responses; teacher.responses=corpus uses the corpus's "
+                 "replies as written (set teacher.temperature=0)")
     if not 0 <= cfg.train.heldout_fraction < 1:
         p.append("bad value for 'train.heldout_fraction': must be in [0, 1)")
     if not cfg.data.train.path and "teacher" in cfg.run.stages:

@@ -106,6 +106,8 @@ def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: 
                      prompts: list, seed: int) -> dict:
     """Everything the teacher data depends on. Execution settings (EXECUTION_ONLY) are left out."""
     teacher = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY}
+    if teacher["responses"] == "generate":  # the default, left out so data made before the switch still matches
+        del teacher["responses"]
     recipe = {"teacher": teacher, "data_train": dataclasses.asdict(data_cfg.train), "seed": seed,
               "chat_template": data_cfg.chat_template, "max_prompt_tokens": data_cfg.max_prompt_tokens,
               "model_dtype": model_cfg.dtype}
@@ -113,7 +115,9 @@ def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: 
         "schema_version": SCHEMA_VERSION,
         "base_model_hash": base_model_fingerprint(model_cfg),
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        "prompts_hash": hash_json([[p.id, p.input_ids] for p in prompts]),
+        # with corpus replies the replies are part of the data (generate mode keeps its original hash)
+        "prompts_hash": hash_json([[p.id, p.input_ids] + ([p.reply_ids] if teacher_cfg.responses == "corpus" else [])
+                                   for p in prompts]),
         "recipe": recipe,
         "recipe_hash": hash_json(recipe),
     }
@@ -146,9 +150,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_prompts(data_cfg: DataConfig, tokenizer) -> tuple[list, dict]:
+def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate") -> tuple[list, dict]:
     """The training prompts and their accounting; prompts whose last user turn is also an eval prompt's
-    (case and whitespace aside) are removed and counted as `overlaps_eval`: checked, not assumed."""
+    (case and whitespace aside) are removed and counted as `overlaps_eval`: checked, not assumed. With
+    responses="corpus", prompts the corpus has no usable reply for are removed and counted as `no_reply`."""
     from data.corpora import normalize
     from data.prompts import load_prompt_set
 
@@ -160,11 +165,21 @@ def training_prompts(data_cfg: DataConfig, tokenizer) -> tuple[list, dict]:
     kept = [p for p in prompts if normalize(p.user_text) not in eval_texts]
     if len(kept) < len(prompts):
         print(f"teacher: {len(prompts) - len(kept)} training prompt(s) are also eval prompts; removed")
+    overlapping, no_reply = len(prompts) - len(kept), 0
+    if responses == "corpus":
+        if not any(p.reply_ids for p in kept):
+            raise ValueError(f"teacher.responses=corpus needs a training corpus with replies (e.g. sharegpt); "
+                             f"{data_cfg.train.path!r} has none: use teacher.responses=generate")
+        with_reply = [p for p in kept if p.reply_ids]
+        no_reply = len(kept) - len(with_reply)
+        if no_reply:
+            print(f"teacher: {no_reply} training prompt(s) have no reply in the corpus; removed")
+        kept = with_reply
     if not kept:
         raise ValueError(f"no training prompts left in {data_cfg.train.path!r} after filtering: {accounting}")
-    # per source: considered = kept + skipped; then the overlap removal over all sources
-    return kept, {"sources": accounting, "loaded": len(prompts), "overlaps_eval_removed": len(prompts) - len(kept),
-                  "used": len(kept)}
+    # per source: considered = kept + skipped; then the removals over all sources
+    return kept, {"sources": accounting, "loaded": len(prompts), "overlaps_eval_removed": overlapping,
+                  **({"no_reply_removed": no_reply} if responses == "corpus" else {}), "used": len(kept)}
 
 
 def _check_settings(teacher_cfg: TeacherConfig, config, prompts: list) -> None:
@@ -192,7 +207,7 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
     config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision or None,
                                         trust_remote_code=model_cfg.trust_remote_code).get_text_config()
     check_vocab(tokenizer, config.vocab_size, model_cfg.base_model)
-    prompts, accounting = training_prompts(data_cfg, tokenizer)
+    prompts, accounting = training_prompts(data_cfg, tokenizer, teacher_cfg.responses)
     _check_settings(teacher_cfg, config, prompts)
     fingerprint = data_fingerprint(model_cfg, data_cfg, teacher_cfg, tokenizer, prompts, seed)
     claim_out_dir(out_dir, fingerprint)
@@ -205,7 +220,9 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
         (out_dir / MANIFEST).unlink()
 
     size = teacher_cfg.shard_size
-    specs = [{"name": shard_name(i), "prompts": json.dumps([{"id": p.id, "input_ids": p.input_ids}
+    corpus = teacher_cfg.responses == "corpus"
+    specs = [{"name": shard_name(i), "prompts": json.dumps([{"id": p.id, "input_ids": p.input_ids,
+                                                             **({"reply_ids": p.reply_ids} if corpus else {})}
                                                             for p in prompts[start:start + size]])}
              for i, start in enumerate(range(0, len(prompts), size))]
     expected_rows = {s["name"]: len(json.loads(s["prompts"])) for s in specs}
@@ -297,8 +314,11 @@ class TeacherWorker:
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = [prompts[i] for i in order[start:start + self.cfg.batch_size]]
             ids = [p["input_ids"] for p in chunk]
-            seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
-            responses = generate_responses(self.model, ids, self.cfg, self.eos_ids, self.pad_id, seeds)
+            if self.cfg.responses == "corpus":  # teacher-forced: the corpus's reply, cut like a generation
+                responses = [cut_response(p["reply_ids"], self.eos_ids, self.cfg.max_new_tokens) for p in chunk]
+            else:
+                seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
+                responses = generate_responses(self.model, ids, self.cfg, self.eos_ids, self.pad_id, seeds)
             records = teacher_records(self.model, [p["id"] for p in chunk], ids, responses, self.cfg)
             by_index.update(zip(order[start:start + self.cfg.batch_size], records))
         seqs = [by_index[i] for i in range(len(prompts))]
@@ -343,11 +363,13 @@ def generate_responses(model, prompts: list[list[int]], cfg: TeacherConfig, eos_
     processors = LogitsProcessorList([GumbelNoise(cfg.temperature, seeds)] if cfg.temperature > 0 else [])
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                          generation_config=gen_cfg, logits_processor=processors)
-    responses = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        responses.append(row[:end])
-    return responses
+    return [cut_response(row, eos_ids, cfg.max_new_tokens) for row in out[:, width:].tolist()]
+
+
+def cut_response(tokens: list[int], eos_ids: list[int], max_new_tokens: int) -> list[int]:
+    """A response ends at its first EOS (kept) or after max_new_tokens tokens."""
+    end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return list(tokens[:min(end, max_new_tokens)])
 
 
 @torch.no_grad()

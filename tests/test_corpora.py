@@ -79,9 +79,50 @@ def test_sharegpt_filters_count_every_skip(tmp_path, monkeypatch, chat_tokenizer
         prompts, acc = load_prompt_set(PromptSource(path="sharegpt"), chat_tokenizer, 512, "auto")
     a = acc["sharegpt"]
     assert [p.id for p in prompts] == ["ok:0", "ok:2"]
+    # the reply that follows a turn, as the template renders it; the last turn has none
+    assert chat_tokenizer.decode(prompts[0].reply_ids) == "hi\n" and prompts[1].reply_ids is None
     assert a["skipped"] == {"empty": 1, "non_text": 1, "bad_roles": 1, "malformed": 3, "duplicate": 1}
     assert a["considered"] == 2 + 7 and a["kept"] == 2
     assert "torn last record is not used" in a["notes"][0]
+
+
+def test_sharegpt_replies_are_what_the_template_renders_after_the_prompt(chat_tokenizer):
+    prompts, _ = load_prompt_set(PromptSource(path="sharegpt", limit=60), chat_tokenizer, 400, "auto")
+    records = {r["id"]: r for r in corpora.iter_json_array(corpora.sharegpt_file().read_text()[:3_000_000],
+                                                           corpora.Accounting(), "head")}
+    with_reply = [p for p in prompts if p.reply_ids]
+    assert len(with_reply) > 40
+    for p in with_reply:
+        rid, turn = p.id.rsplit(":", 1)
+        reply = records[rid]["conversations"][int(turn) + 1]
+        assert reply["from"] == "gpt"
+        assert chat_tokenizer.decode(p.input_ids + p.reply_ids) == chat_tokenizer.decode(
+            chat_tokenizer(p.text + reply["value"] + "\n", add_special_tokens=False)["input_ids"])
+
+
+def test_reply_is_dropped_when_the_prompt_is_not_a_prefix_of_the_rendering(chat_tokenizer):
+    from data.corpora import RawPrompt
+    from data.prompts import reply_tokens
+
+    raw = RawPrompt(id="x", messages=[{"role": "user", "content": "hi"}], reply="hello")
+    prompt_ids = list(chat_tokenizer("<|user|>hi\n<|assistant|>", add_special_tokens=False)["input_ids"])
+    assert chat_tokenizer.decode(reply_tokens(raw, prompt_ids, chat_tokenizer)) == "hello\n"
+    assert reply_tokens(raw, [7] + prompt_ids[1:], chat_tokenizer) is None  # another rendering of the prompt
+    assert reply_tokens(RawPrompt(id="y", messages=raw.messages, reply="  "), prompt_ids, chat_tokenizer) is None
+
+
+def test_corpus_responses_need_a_corpus_with_replies(tmp_path, chat_tokenizer):
+    from pipeline.teacher import training_prompts
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "Write a haiku about the sea."}) + "\n")
+    data = DataConfig(train=PromptSource(path=str(path)), eval=PromptSource(path="mtbench"), max_prompt_tokens=1 << 20)
+    with pytest.raises(ValueError, match="teacher.responses=corpus needs a training corpus with replies"):
+        training_prompts(data, chat_tokenizer, "corpus")
+    data = DataConfig(train=PromptSource(path="sharegpt", limit=20), eval=PromptSource(path="mtbench"),
+                      max_prompt_tokens=400)
+    kept, acc = training_prompts(data, chat_tokenizer, "corpus")
+    assert all(p.reply_ids for p in kept) and acc["used"] == len(kept) == acc["loaded"] - acc["no_reply_removed"]
 
 
 def test_missing_package_names_the_install_command(monkeypatch):

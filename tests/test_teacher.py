@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import DataConfig, ModelConfig, PromptSource, TeacherConfig
 from pipeline.shards import read_shard
-from pipeline.teacher import (JOURNAL, SHARDS, generate_responses, load_manifest, read_journal,
+from pipeline.teacher import (JOURNAL, SHARDS, cut_response, generate_responses, load_manifest, read_journal,
                               run_teacher, verify_shards)
 
 PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, x):\n", "for i in range(10):\n",
@@ -166,3 +166,14 @@ def test_response_ends_at_first_eos(model):
     stop = free[3]
     [stopped] = generate_responses(model, [[5, 6, 7, 8]], cfg, [stop], 0, seeds=[0])
     assert stopped == free[:free.index(stop) + 1]
+
+
+def test_cut_response():
+    assert cut_response([5, 6, 2, 9, 2], [2], 10) == [5, 6, 2]  # first EOS kept, the rest dropped
+    assert cut_response([5, 6, 7, 8], [2], 3) == [5, 6, 7]
+    assert cut_response([5, 6], [], 3) == [5, 6]
+
+
+def test_generate_mode_keeps_the_fingerprint_of_data_made_before_the_switch(teacher_dir):
+    fingerprint = json.loads((teacher_dir / "fingerprint.json").read_text())
+    assert "responses" not in fingerprint["recipe"]["teacher"]
