@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
-from eval.compare import compare
+from eval.compare import ci_text, compare
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.evaluate import load_trained_drafter
 from eval.profile import profile_decoder
@@ -66,7 +66,7 @@ def _spec(model, drafter, W, L, n, eos, tree=True):
 
 def _row(name: str, m: dict) -> str:
     return (f"{name:<22}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
-            f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:<5.2f}{m.get('verified_tokens_per_step', 0) or 0:>9.1f}"
+            f"{m['speedup']:>9.2f}x {ci_text(m['speedup_ci95'], 6)}{m.get('verified_tokens_per_step', 0) or 0:>9.1f}"
             f"  {_lossless(m)}")
 
 
@@ -165,7 +165,7 @@ def print_report(report: dict) -> None:
         print(_row(k, v))
     print(f"\n== batch sizes (redrafter vs plain at the same batch size) ==\n{'batch':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}")
     for bs, v in report["batches"].items():
-        print(f"{bs:<22}{v['tokens_per_step']:>6.2f}{v['tokens_per_s']:>10.0f}{v['speedup']:>9.2f}x ±{v['speedup_ci95']:.2f}")
+        print(f"{bs:<22}{v['tokens_per_step']:>6.2f}{v['tokens_per_s']:>10.0f}{v['speedup']:>9.2f}x {ci_text(v['speedup_ci95'])}")
     p = report["profile"]
     print(f"\n== step profile W={p['beam_width']} L={p['beam_length']}: {p['spec_step_ms']:.2f} ms/step "
           f"(plain step {p['plain_step_ms']:.2f} ms), tau {p['tokens_per_step']:.2f} ==")
@@ -188,7 +188,7 @@ def plot_bench(report: dict, widths: list[int], lengths: list[int], path: Path) 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for L in lengths:
         rows = [report["sweep"][f"W{W}L{L}"] for W in widths]
-        ax1.errorbar(widths, [r["speedup"] for r in rows], yerr=[r["speedup_ci95"] for r in rows],
+        ax1.errorbar(widths, [r["speedup"] for r in rows], yerr=[r["speedup_ci95"] or 0.0 for r in rows],
                      marker="o", capsize=3, label=f"redrafter L={L}")
         ax2.plot(widths, [r["tokens_per_step"] for r in rows], marker="o", label=f"redrafter L={L}")
     for name, style in (("prompt_lookup", "--"), ("lookahead", ":")):

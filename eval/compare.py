@@ -24,14 +24,20 @@ from eval.metrics import DecodeStats
 Method = Callable[[list[list[int]]], GenerationResult]
 
 
-def mean_ci95(xs: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a t-based 95% interval over repeats (0 for a single repeat)."""
+def mean_ci95(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and half-width of a t-based 95% interval over repeats; the half-width is None for a single
+    repeat (noise cannot be estimated: reported as "n/a", never as a certain 0)."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return m, 0.0
+        return m, None
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
     t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(xs), 1.96)
     return m, t * sd / math.sqrt(len(xs))
+
+
+def ci_text(half_width: float | None, width: int = 0) -> str:
+    """'±0.12' or '±n/a' (one repeat), left-aligned to `width` characters."""
+    return f"{'±n/a' if half_width is None else f'±{half_width:.2f}':<{width}}"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.prompts import load_prompts, select_prompts
-from eval.compare import compare
+from eval.compare import ci_text, compare
 from eval.decoder import SpeculativeDecoder, plain_greedy
 from eval.evaluate import load_trained_drafter
 from eval.profile import cost_ratio, profile_decoder
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         ideal = f"{e['ideal_speedup']:.2f}x" if "ideal_speedup" in e else "-"
         print(f"{name:<18}{e['draft_vocab_size'] or 'full':>7}{cover:>7}{100 * e['cost']['ratio']:>9.1f}%"
               f"{e['objective']:>5}  {top1:<26}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}"
-              f"{e['speedup']:>9.2f}x ±{e['speedup_ci95']:<5.2f}{ideal:>7}  {e['lossless']}")
+              f"{e['speedup']:>9.2f}x {ci_text(e['speedup_ci95'], 6)}{ideal:>7}  {e['lossless']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from data.prompts import load_prompts, select_prompts
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
-from eval.compare import compare
+from eval.compare import ci_text, compare
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter, DrafterArch
@@ -211,7 +211,7 @@ def plot_record(record: dict, path: Path) -> None:
         ks = sorted(int(k) for k in hist)
         ax2.bar(ks, [hist[str(k)] if str(k) in hist else hist[k] for k in ks], color="tab:green")
     ax2.set(xlabel="tokens committed per step", ylabel="steps",
-            title=f"speedup {record['speedup']:.2f}x ± {record['speedup_ci95']:.2f} vs plain greedy")
+            title=f"speedup {record['speedup']:.2f}x {ci_text(record['speedup_ci95'])} vs plain greedy")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,17 +38,13 @@ def decide(record: dict, gate: GateConfig) -> dict:
     free = {k: v for k, v in methods.items() if k in ("prompt_lookup", "lookahead")}
     if gate.beat_training_free and free:
         best = max(free, key=lambda k: free[k]["speedup"])
-        margin = free[best]["speedup"] + free[best]["speedup_ci95"] + ours["speedup_ci95"]
-        rules.append(_rule("beats_training_free", ours["speedup"], f"{best} {free[best]['speedup']:.3f} + noise",
-                           ours["speedup"] > margin))
+        rules.append(_beats("beats_training_free", ours, free[best], best))
     inc = methods.get("incumbent")
     if gate.beat_incumbent and inc is not None:
         # tau of greedy decoding is deterministic: any increase is real; speedup must clear the noise
         rules.append(_rule("beats_incumbent_tau", ours["tokens_per_step"], inc["tokens_per_step"],
                            ours["tokens_per_step"] > inc["tokens_per_step"]))
-        margin = inc["speedup"] + inc["speedup_ci95"] + ours["speedup_ci95"]
-        rules.append(_rule("beats_incumbent_speedup", ours["speedup"], f"{inc['speedup']:.3f} + noise",
-                           ours["speedup"] > margin))
+        rules.append(_beats("beats_incumbent_speedup", ours, inc, "incumbent"))
         worst = _worst_category_drop(ours.get("by_category", {}), inc.get("by_category", {}))
         if worst is not None:
             rules.append(_rule("category_regression", worst, gate.max_category_regression,
@@ -58,6 +54,16 @@ def decide(record: dict, gate: GateConfig) -> dict:
                        for r in failed) or "all rules passed"
     return {"promoted": not failed, "decided_by": failed[0]["rule"] if failed else "all rules passed",
             "reason": reason, "rules": rules}
+
+
+def _beats(rule: str, ours: dict, other: dict, name: str) -> dict:
+    """Our speedup above the other's by more than both 95% intervals together. With a single repeat there
+    is no interval: the rule cannot decide on noise, so it does not pass (rerun with eval.repeats >= 2)."""
+    if ours["speedup_ci95"] is None or other["speedup_ci95"] is None:
+        return _rule(rule, ours["speedup"], f"{name} {other['speedup']:.3f} + noise (n/a: one repeat, cannot decide; "
+                     "set eval.repeats >= 2)", False)
+    margin = other["speedup"] + other["speedup_ci95"] + ours["speedup_ci95"]
+    return _rule(rule, ours["speedup"], f"{name} {other['speedup']:.3f} + noise", ours["speedup"] > margin)
 
 
 def _worst_category_drop(ours: dict, inc: dict):

@@ -245,6 +245,8 @@ def tracker_location(tracker) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    from eval.compare import ci_text
+
     print("\n=== draftforge summary ===")
     times = summary.get("stage_seconds", {})
     if times:
@@ -253,7 +255,7 @@ def print_summary(summary: dict) -> None:
         r, d = summary["record"], summary["decision"]
         print(f"tokens/step (tau): {r['tokens_per_step']:.2f}  "
               f"(W={r['beam_width']}, L={r['beam_length']}, {r['num_prompts']} prompts)")
-        print(f"speedup vs plain greedy: {r['speedup']:.2f}x ± {r['speedup_ci95']:.2f} "
+        print(f"speedup vs plain greedy: {r['speedup']:.2f}x {ci_text(r['speedup_ci95'])} "
               f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
         print(f"lossless: {r['lossless']}")
         if "ideal_speedup" in r:
@@ -265,7 +267,7 @@ def print_summary(summary: dict) -> None:
         print(f"  {'method':<14}{'tau':>6}{'tokens/s':>10}{'speedup':>16}  lossless")
         for name, m in r.get("methods", {}).items():
             print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
-                  f"{m['speedup']:>9.2f}x ±{m['speedup_ci95']:.2f}  {m['lossless']}")
+                  f"{m['speedup']:>9.2f}x {ci_text(m['speedup_ci95'], 6)} {m['lossless']}")
         methods = r.get("methods", {})
         free = {k: v for k, v in methods.items() if k not in ("plain", "redrafter", "incumbent")}
         best_free = max(free, key=lambda k: free[k]["speedup"], default=None)

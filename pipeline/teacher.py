@@ -306,10 +306,15 @@ class TeacherWorker:
     def __call__(self, batch: dict) -> dict:
         assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"
         name, prompts = str(batch["name"][0]), json.loads(batch["prompts"][0])
-        # Batches of similar lengths: a batch is padded to its longest prompt, so length-sorted batches
-        # waste far less compute on padding (real chat prompts range from 10 to 500 tokens). Rows are
-        # written back in prompt order; sorting is stable, so the shard is deterministic.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))
+        # Batches of similar lengths: a batch is padded to its longest prompt (and, with corpus replies, its
+        # longest prompt + reply), so length-sorted batches waste far less compute on padding (real chat
+        # prompts range from 10 to 500 tokens). Rows are written back in prompt order; sorting is stable,
+        # so the shard is deterministic.
+        def length(p: dict) -> int:
+            reply = len(p["reply_ids"]) if self.cfg.responses == "corpus" else 0
+            return len(p["input_ids"]) + min(reply, self.cfg.max_new_tokens)
+
+        order = sorted(range(len(prompts)), key=lambda i: length(prompts[i]))
         by_index = {}
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = [prompts[i] for i in order[start:start + self.cfg.batch_size]]

@@ -33,7 +33,7 @@ def test_compare_reports_every_method_and_catches_a_lossy_one():
 
 
 def test_mean_ci95():
-    assert mean_ci95([2.0]) == (2.0, 0.0)
+    assert mean_ci95([2.0]) == (2.0, None)  # one repeat: no noise estimate, never a certain 0
     m, ci = mean_ci95([1.0, 2.0, 3.0])
     assert m == 2.0 and abs(ci - 4.30 * 1.0 / 3 ** 0.5) < 1e-9
 
@@ -46,3 +46,17 @@ def test_batches_never_mix_categories():
     assert sorted(i for b in batches for i in b) == list(range(7))
     assert all(len({prompts[i].category for i in b}) == 1 and len(b) <= 2 for b in batches)
     assert [len(b) for b in batches] == [2, 2, 2, 1]  # a: 0,2,4,6  b: 1,3,5
+
+
+def test_one_repeat_reports_no_interval(capsys):
+    from eval.compare import ci_text
+    from pipeline.main import print_summary
+
+    assert ci_text(None) == "±n/a" and ci_text(0.0) == "±0.00" and ci_text(0.123, 6) == "±0.12 "
+    method = {"tokens_per_step": 1.5, "tokens_per_s": 20.0, "speedup": 1.1, "speedup_ci95": None, "lossless": True}
+    record = {"tokens_per_step": 1.5, "beam_width": 1, "beam_length": 3, "num_prompts": 4, "speedup": 1.1,
+              "speedup_ci95": None, "spec_tokens_per_s": 20.0, "plain_tokens_per_s": 18.0, "lossless": True,
+              "methods": {"plain": {**method, "speedup": 1.0}, "redrafter": method}}
+    print_summary({"record": record, "decision": {"promoted": False, "reason": "x"}, "export_dir": "e", "run_dir": "r"})
+    out = capsys.readouterr().out
+    assert "1.10x ±n/a" in out and "±0.00" not in out

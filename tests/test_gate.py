@@ -71,3 +71,11 @@ def test_registry_keeps_incumbent_and_ignores_the_candidate_itself(tmp_path):
     assert inc is not None and (inc / "model.safetensors").read_bytes() == b"x"
     assert find_incumbent(reg, "b" * 64, "other" * 13, "c2") is None  # another eval set
     assert json.loads(next(reg.rglob("incumbent.json")).read_text())["speedup"] == 1.5
+
+
+def test_one_repeat_cannot_decide_on_noise():
+    d = decide(_record(_m(2.5, 1.6, ci=None), lookahead=_m(1.3, 1.1, ci=None)), GateConfig())
+    assert not d["promoted"] and d["decided_by"] == "beats_training_free"
+    assert "cannot decide" in d["reason"] and "eval.repeats >= 2" in d["reason"]
+    d = decide(_record(_m(2.8, 1.9, ci=None), incumbent=_m(2.5, 1.6, ci=0.05)), GateConfig(beat_training_free=False))
+    assert not d["promoted"] and d["decided_by"] == "beats_incumbent_speedup"

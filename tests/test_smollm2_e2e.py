@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from pipeline.base_model import load_tokenizer
+from pipeline.config import load_config
+from pipeline.shards import read_shard
+from pipeline.teacher import cut_response, training_prompts
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCALED_DOWN = [
@@ -44,6 +49,15 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert sharegpt["considered"] == sharegpt["kept"] + sum(sharegpt["skipped"].values())
     assert accounting["used"] == manifest["num_sequences"] == 16
     assert manifest["hidden_size"] == 576 and manifest["vocab_size"] == 49152
+    # the recipe's teacher records ShareGPT's own replies, teacher-forced: each stored sequence is the last
+    # prompt token then the reply's tokens, cut at the end of turn or after teacher.max_new_tokens
+    assert manifest["recipe"]["teacher"]["responses"] == "corpus"
+    shard = manifest["shards"][0]
+    [seq, *_] = read_shard(run / "teacher" / "shards" / shard["name"], 576, manifest["top_k"], manifest["hidden_dtype"])
+    tokenizer = load_tokenizer(load_config(SCALED_DOWN).model)
+    data = load_config(SCALED_DOWN).data
+    prompt = next(p for p in training_prompts(data, tokenizer, "corpus")[0] if p.id == seq.prompt_id)
+    assert seq.tokens.tolist() == prompt.input_ids[-1:] + cut_response(prompt.reply_ids, [tokenizer.eos_token_id], 24)
 
     arch = json.loads((run / "train" / "drafter" / "arch.json").read_text())
     assert arch["draft_vocab_size"] == 512
