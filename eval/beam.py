@@ -8,6 +8,12 @@ used only through `init_state`, `next_state` and `logits` (pipeline/drafter.py),
 the same three methods can stand in for it. A drafter with a draft vocabulary (a `d2t` id map) is
 searched in its own N-token space and its indices mapped to base ids: the same beams as a search
 over the base vocabulary with -inf outside it, at N/V of the cost.
+
+Like the reference (and TensorRT-LLM's port), the drafter's logits are processed before the
+log-softmax of the search (`reference_logits`, `top_logits=50` by default): the row max is subtracted,
+the top 50 are kept and every other logit is set to -5e4. At W > 1 this changes which beams win and
+their scores; at W = 1 the tokens are the same (argmax) and only the scores change. `top_logits=0`
+searches the unprocessed distribution.
 """
 
 from __future__ import annotations
@@ -43,6 +49,22 @@ def _to_tokens(drafter, index: torch.Tensor) -> torch.Tensor:
     return index if d2t is None else d2t[index]
 
 
+REFERENCE_TOP_LOGITS = 50
+MASKED_LOGIT = -5e4
+
+
+def reference_logits(logits_V: torch.Tensor, top_logits: int) -> torch.Tensor:
+    """The reference's processing of drafter logits before the search: subtract the row max, keep the
+    top `top_logits`, set the rest to -5e4 (a logit already -inf, outside a draft vocabulary, stays -inf).
+    0, or at least the row length, keeps every logit (only the max is subtracted)."""
+    shifted = logits_V - logits_V.max(dim=-1, keepdim=True).values
+    if top_logits <= 0 or top_logits >= shifted.shape[-1]:
+        return shifted
+    top = shifted.topk(top_logits, dim=-1)
+    rest = torch.where(torch.isinf(shifted), shifted, torch.full_like(shifted, MASKED_LOGIT))
+    return rest.scatter(-1, top.indices, top.values)
+
+
 def _take_beams(x_BW_: torch.Tensor, parent_BW: torch.Tensor) -> torch.Tensor:
     """x reordered along dim 1 so that new beam w inherits from old beam parent_BW[:, w]."""
     index = parent_BW.view(*parent_BW.shape, *([1] * (x_BW_.dim() - 2))).expand(-1, -1, *x_BW_.shape[2:])
@@ -51,8 +73,9 @@ def _take_beams(x_BW_: torch.Tensor, parent_BW: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def draft(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, beam_width: int, beam_length: int,
-          keep_log_probs: bool = True) -> Beams:
-    """Beam search over the drafter. beam_length L INCLUDES g0 (reference convention)."""
+          keep_log_probs: bool = True, top_logits: int = REFERENCE_TOP_LOGITS) -> Beams:
+    """Beam search over the drafter. beam_length L INCLUDES g0 (reference convention). top_logits: see
+    `reference_logits` (50 = the reference's search, 0 = the unprocessed drafter distribution)."""
     W, L = beam_width, beam_length
     if W < 1 or L < 1:
         raise ValueError(f"beam_width and beam_length must be >= 1, got W={W}, L={L}")
@@ -66,11 +89,11 @@ def draft(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, beam_width: int, beam
     scores_BW[:, 0] = 0.0
     state_BWS = drafter.init_state(h_BH, B, W)
     if W == 1 and not keep_log_probs:
-        return _greedy_chain(drafter, h_BWH, tokens_BWL, state_BWS, L)
+        return _greedy_chain(drafter, h_BWH, tokens_BWL, state_BWS, L, top_logits)
     log_probs_BWKV = None
     for k in range(1, L):
         state_BWS = drafter.next_state(state_BWS, tokens_BWL[..., k - 1])
-        log_probs_BWV = F.log_softmax(drafter.logits(h_BWH, state_BWS).float(), dim=-1)
+        log_probs_BWV = F.log_softmax(reference_logits(drafter.logits(h_BWH, state_BWS).float(), top_logits), dim=-1)
         V = log_probs_BWV.shape[-1]
         if W > V:
             raise ValueError(f"beam_width {W} exceeds the vocabulary size {V}")
@@ -89,15 +112,21 @@ def draft(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, beam_width: int, beam
     return Beams(tokens_BWL, scores_BW, log_probs_BWKV)
 
 
-def _greedy_chain(drafter, h_B1H: torch.Tensor, tokens_B11: torch.Tensor, state_B1S: torch.Tensor, L: int) -> Beams:
+def _greedy_chain(drafter, h_B1H: torch.Tensor, tokens_B11: torch.Tensor, state_B1S: torch.Tensor, L: int,
+                  top_logits: int) -> Beams:
     """Beam search at W = 1: the argmax at every depth (top-1 of log_softmax is the argmax of the
-    logits), with the joint log-prob as max logit - logsumexp."""
+    logits), with the joint log-prob as max logit - logsumexp (of the processed logits: after the max is
+    subtracted the best is 0, and the -5e4 of the dropped ones vanish from the logsumexp in float32)."""
     tokens = [tokens_B11[..., 0]]
     score_B1 = torch.zeros(tokens_B11.shape[:2], device=tokens_B11.device)
     for _ in range(1, L):
         state_B1S = drafter.next_state(state_B1S, tokens[-1])
         logits_B1V = drafter.logits(h_B1H, state_B1S).float()
         best_B1, token_B1 = logits_B1V.max(dim=-1)
-        score_B1 = score_B1 + best_B1 - logits_B1V.logsumexp(dim=-1)
+        if 0 < top_logits < logits_B1V.shape[-1]:
+            kept_B1V = logits_B1V.topk(top_logits, dim=-1).values
+            score_B1 = score_B1 + best_B1 - kept_B1V.logsumexp(dim=-1)
+        else:
+            score_B1 = score_B1 + best_B1 - logits_B1V.logsumexp(dim=-1)
         tokens.append(_to_tokens(drafter, token_B1))
     return Beams(torch.stack(tokens, dim=-1), score_B1, None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from eval.beam import draft
+from eval.beam import REFERENCE_TOP_LOGITS, draft
 from eval.metrics import DecodeStats
 from eval.tree import Tree, pack_tree
 
@@ -351,7 +351,7 @@ class SpeculativeDecoder:
     acceptance rule instead, which is NOT lossless."""
 
     def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
-                 temperature: float = 0.0, reference_compatible: bool = False):
+                 temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
         if beam_width > model.config.vocab_size:
@@ -364,6 +364,7 @@ class SpeculativeDecoder:
         self.beam_width, self.beam_length = beam_width, beam_length
         self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
         self.temperature, self.reference_compatible = temperature, reference_compatible
+        self.top_logits = top_logits  # the beam search's logit processing (eval/beam.py reference_logits)
 
     def step(self, state: DecodeState, stats: DecodeStats, generator: torch.Generator | None = None) -> None:
         if self.temperature > 0.0:
@@ -371,7 +372,7 @@ class SpeculativeDecoder:
             return sampled_step(self, state, stats, generator)
         W, L = self.beam_width, self.beam_length
         # Greedy verification needs no drafter probabilities: skip keeping them.
-        beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False)
+        beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False, top_logits=self.top_logits)
         tree = pack_tree(beams.tokens_BWL, dedup=self.tree_attention)
         hidden_BPD, logits_BPV, write_at = forward_tree(self.model, state, tree)
         accept_len_BW, pred_BWL = verify(logits_BPV, beams.tokens_BWL, tree.unpacker_BWL)

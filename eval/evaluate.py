@@ -76,13 +76,13 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
     W, L, n, T = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens, eval_cfg.temperature
     if T > 0:
         return _sampling_methods(model, drafter, eval_cfg, eos, incumbent)
-    candidate = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L)
+    candidate = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
     methods = {
         "plain": lambda b: plain_greedy(model, b, n, eos),
         "redrafter": lambda b: candidate.generate(b, n, eos),
     }
     if incumbent is not None:
-        inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L)
+        inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
         methods["incumbent"] = lambda b: inc.generate(b, n, eos)
     for name in eval_cfg.baselines:
         if name == "prompt_lookup":
@@ -107,7 +107,8 @@ def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, inc
         return torch.Generator(device=model.device).manual_seed(eval_cfg.seed)
 
     def spec(d):
-        dec = SpeculativeDecoder(model, d, W, L, temperature=T, reference_compatible=eval_cfg.reference_compatible)
+        dec = SpeculativeDecoder(model, d, W, L, temperature=T, reference_compatible=eval_cfg.reference_compatible,
+                                 top_logits=eval_cfg.beam_top_logits)
         return lambda b: dec.generate(b, n, eos, generator=seeded())
 
     methods = {"plain": lambda b: plain_sample(model, b, n, eos, T, generator=seeded()), "redrafter": spec(drafter)}
@@ -116,22 +117,36 @@ def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, inc
     return methods
 
 
+def eval_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, drafter_dir: Path,
+                incumbent_dir: Path | None = None) -> dict:
+    """What an eval record is made from; a record with the same inputs is reused."""
+    return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": vars(eval_cfg).copy(),
+            "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
+            "model": vars(model_cfg),
+            "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}
+
+
+def finished_record(out_dir: Path, inputs: dict) -> dict | None:
+    """The eval record in out_dir when it was made from exactly these inputs, else None."""
+    path = Path(out_dir) / "eval_record.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done if done.get("inputs_hash") == hash_json(inputs) else None
+
+
 @torch.inference_mode()
 def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, drafter_dir: Path,
              out_dir: Path, incumbent_dir: Path | None = None) -> dict:
     """Measure the trained drafter (and the incumbent export, when given, re-measured here on the
     same prompts) against plain greedy decoding and the training-free baselines."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": vars(eval_cfg).copy(),
-              "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
-              "model": vars(model_cfg),
-              "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}
+    inputs = eval_inputs(model_cfg, data_cfg, eval_cfg, drafter_dir, incumbent_dir)
     record_path = out_dir / "eval_record.json"
-    if record_path.is_file():
-        done = json.loads(record_path.read_text())
-        if done.get("inputs_hash") == hash_json(inputs):
-            print(f"eval: already done for this drafter and settings, reusing {record_path}")
-            return done
+    done = finished_record(out_dir, inputs)
+    if done is not None:
+        print(f"eval: already done for this drafter and settings, reusing {record_path}")
+        return done
     if eval_cfg.num_threads:
         torch.set_num_threads(eval_cfg.num_threads)
     model, tokenizer = load_base_model(model_cfg, device=eval_cfg.device, dtype=eval_cfg.dtype)
@@ -185,7 +200,8 @@ def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int 
     prompts (eval/profile.py); decoder efficiency = measured speedup / ideal (docs/design.md §5)."""
     from eval.profile import profile_decoder
 
-    decoder = SpeculativeDecoder(model, drafter, eval_cfg.beam_width, eval_cfg.beam_length)
+    decoder = SpeculativeDecoder(model, drafter, eval_cfg.beam_width, eval_cfg.beam_length,
+                                 top_logits=eval_cfg.beam_top_logits)
     prof = profile_decoder(decoder, [p.input_ids for p in prompts[:eval_cfg.profile_prompts]],
                            eval_cfg.max_new_tokens, eos)
     ideal = record["tokens_per_step"] * prof["plain_step_ms"] / prof["ms_per_step"]["base_forward"]

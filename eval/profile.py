@@ -39,7 +39,8 @@ class _Clock:
 
 
 def _profiled_step(dec: SpeculativeDecoder, state: DecodeState, stats: DecodeStats, clock: _Clock) -> None:
-    beams = draft(dec.drafter, state.h_BD, state.g0_B, dec.beam_width, dec.beam_length, keep_log_probs=False)
+    beams = draft(dec.drafter, state.h_BD, state.g0_B, dec.beam_width, dec.beam_length, keep_log_probs=False,
+                  top_logits=dec.top_logits)
     clock.lap("drafter")
     tree = pack_tree(beams.tokens_BWL, dedup=dec.tree_attention)
     write_at = int(state.ctx_B.max())

@@ -199,7 +199,7 @@ def sampled_step(decoder, state: DecodeState, stats: DecodeStats, generator: tor
     """One speculative step at decoder.temperature > 0 (called by SpeculativeDecoder.step)."""
     W, L, T = decoder.beam_width, decoder.beam_length, decoder.temperature
     if decoder.reference_compatible:
-        beams = draft(decoder.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=True)
+        beams = draft(decoder.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=True, top_logits=decoder.top_logits)
         tokens_BWL, q_BWKV = beams.tokens_BWL, beams.log_probs_BWKV
     else:
         chains = sample_chains(decoder.drafter, state.h_BD, state.g0_B, W, L, T, generator)

@@ -105,6 +105,9 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     log_every: int = 10
     checkpoint_every: int = 100
+    # a failed worker (crash, OOM, lost node) restarts the whole worker group from the last checkpoint, at
+    # most this many times per run; then the stage fails and a rerun resumes from that checkpoint
+    max_failures: int = 2
 
 
 @dataclass
@@ -121,6 +124,9 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["prompt_lookup", "lookahead"])  # training-free
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
+    # beam search over the drafter's top-N logits, the rest set to -5e4, as the reference and TensorRT-LLM
+    # do (changes beams at W > 1); 0 = search the unprocessed drafter distribution
+    beam_top_logits: int = 50
     # greedy: a prompt whose output diverges from plain decoding only where the base model's two
     # candidate logits are within rounding (eval.decoder.first_divergence) still counts as lossless
     allow_numerical_ties: bool = True
@@ -259,8 +265,12 @@ def _value_problems(cfg: Config) -> list[str]:
         p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
     if cfg.eval.beam_length < 2:
         p.append(f"bad value for 'eval.beam_length': {cfg.eval.beam_length}; must be >= 2 (g0 + at least one draft)")
-    if cfg.eval.beam_width > 50:
-        p.append("bad value for 'eval.beam_width': beam widths above 50 are meaningless (the reference keeps only the top-50 drafter logits)")
+    if cfg.eval.beam_top_logits < 0:
+        p.append(f"bad value for 'eval.beam_top_logits': {cfg.eval.beam_top_logits}; must be >= 0 (0 = all logits)")
+    if 0 < cfg.eval.beam_top_logits < cfg.eval.beam_width:
+        p.append(f"bad value for 'eval.beam_width': {cfg.eval.beam_width} beams over the top "
+                 f"eval.beam_top_logits={cfg.eval.beam_top_logits} drafter logits (the reference's search) is "
+                 "meaningless: the extra beams continue from logits set to -5e4")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         p.append(f"bad value for 'train.zero_stage': {cfg.train.zero_stage}; choose 0, 1, 2 or 3")
     if cfg.eval.temperature < 0:
@@ -270,6 +280,8 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.teacher.responses == "corpus" and cfg.teacher.temperature > 0:
         p.append("'teacher.temperature' applies to generated responses; teacher.responses=corpus uses the corpus's "
                  "replies as written (set teacher.temperature=0)")
+    if cfg.train.max_failures < 0:
+        p.append(f"bad value for 'train.max_failures': {cfg.train.max_failures}; must be >= 0")
     if not 0 <= cfg.train.heldout_fraction < 1:
         p.append("bad value for 'train.heldout_fraction': must be in [0, 1)")
     if not cfg.data.train.path and "teacher" in cfg.run.stages:

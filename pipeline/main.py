@@ -38,10 +38,12 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).resolve() / cfg.run.name
 
 
-def dry_run(cfg: Config, run_dir: Path) -> None:
-    """Check what can be checked without doing the work: model + tokenizer load, prompts load."""
+def dry_run(cfg: Config, run_dir: Path) -> int:
+    """Check what can be checked without doing the work: model + tokenizer load, prompts load, and what
+    each stage would do with the outputs already in the run directory. 2 when a stage would be refused."""
     from data.prompts import load_prompts
     from pipeline.base_model import load_tokenizer
+    from pipeline.plan import plan_stages, refusals
 
     tokenizer = load_tokenizer(cfg.model)
     print(f"base model: {cfg.model.base_model} (tokenizer: {len(tokenizer)} tokens) - ok")
@@ -50,12 +52,14 @@ def dry_run(cfg: Config, run_dir: Path) -> None:
         prompts = load_prompts(source, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
         n = min(len(prompts), cfg.eval.num_prompts) if split == "eval" and cfg.eval.num_prompts else len(prompts)
         print(f"{split} prompts: {source.path} -> {n} prompts - ok")
-    for stage in cfg.run.stages:
-        marker = {"teacher": run_dir / "teacher" / "manifest.json", "train": run_dir / "train" / "drafter",
-                  "eval": run_dir / "eval" / "eval_record.json"}[stage]
-        state = "has output (will be verified and reused if inputs match)" if marker.exists() else "to run"
-        print(f"stage {stage}: {state}")
+    plans = plan_stages(cfg, run_dir)
+    for plan in plans:
+        print(plan.line())
     print(f"outputs: {run_dir}\ndry run: nothing was run")
+    if refusals(plans):
+        print("error: the run would be refused (see REFUSED above)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def init_ray(cfg: Config) -> None:
@@ -82,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print("=== resolved config ===\n" + to_yaml(cfg))
     if args.print_config:
         return 0
+    previous = _stop_on_sigterm()
     try:
         if args.dry_run:
-            dry_run(cfg, run_dir)
-            return 0
+            return dry_run(cfg, run_dir)
         summary = run_pipeline(cfg, run_dir)
     except ValueError as e:  # user errors: bad model path, bad data, mismatched inputs
         print(f"error: {e}", file=sys.stderr)
@@ -104,8 +108,31 @@ def main(argv: list[str] | None = None) -> int:
               + (f"Full traceback: {log}. " if log.is_file() else "")
               + "Rerun the same command to resume.", file=sys.stderr)
         return 1
+    finally:
+        _restore_sigterm(previous)
     print_summary(summary)
     return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`kill`, `ray job stop`, a scheduler's preemption) stops the run like Ctrl-C does: the stage is
+    recorded as interrupted in summary.json and the console says how to resume."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _saved(run_dir: Path) -> str:
@@ -134,7 +161,15 @@ def preflight(cfg: Config) -> None:
 def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     from pipeline.tracking import open_run
 
+    from pipeline.plan import plan_stages, refusals
+
     preflight(cfg)
+    plans = plan_stages(cfg, run_dir)  # nothing in the run directory is touched before these checks pass
+    refused = refusals(plans)
+    if refused:
+        raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
+    for plan in plans:
+        print(plan.line(), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)

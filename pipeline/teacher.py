@@ -127,10 +127,7 @@ def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
     """Refuse an out_dir holding data made from other inputs; record the fingerprint in a new one."""
     path = out_dir / FINGERPRINT
     if path.is_file():
-        old = json.loads(path.read_text())
-        flat_old, flat_new = _flatten(old), _flatten(fingerprint)
-        changed = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(flat_old.keys() | flat_new.keys())
-                   if flat_old.get(k) != flat_new.get(k) and k != "recipe_hash"]
+        changed = fingerprint_changes(json.loads(path.read_text()), fingerprint)
         if changed:
             raise ValueError(f"{out_dir} holds teacher data made from a different base model, tokenizer, prompt set "
                              "or teacher settings:\n  " + "\n  ".join(changed)
@@ -141,6 +138,13 @@ def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
                          f"Pick a new output directory, or delete {out_dir} to regenerate.")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(path, fingerprint)
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every leaf that differs (the summary hash aside); [] when the data matches."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(flat_old.keys() | flat_new.keys())
+            if flat_old.get(k) != flat_new.get(k) and k != "recipe_hash"]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

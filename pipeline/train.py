@@ -40,7 +40,7 @@ from pipeline.lineage import hash_json
 from pipeline.loss import add_stats, distill_loss, make_batch, position_metrics, position_weights
 from pipeline.shards import read_shard
 
-EXECUTION_ONLY = ("cpus_per_worker", "log_every", "checkpoint_every")  # do not change the result
+EXECUTION_ONLY = ("cpus_per_worker", "log_every", "checkpoint_every", "max_failures")  # do not change the result
 DRAFTER_FILES = ("drafter.safetensors", "arch.json", "train_metrics.json")
 
 
@@ -174,12 +174,60 @@ def draft_vocabulary(teacher_dir: Path, manifest: dict, n: int) -> dict:
             "d2t": d2t.tolist()}
 
 
-def _inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainConfig, seed: int) -> dict:
+def train_inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainConfig, seed: int) -> dict:
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY}
     # what the data IS, never when it was written: a repaired shard must not throw away training progress
     data = {k: v for k, v in manifest.items() if k != "created_at"}
     return {"teacher_manifest_hash": hash_json(data), "drafter": dataclasses.asdict(drafter_cfg),
             "train": train, "seed": seed}
+
+
+def train_run_name(inputs: dict) -> str:
+    """The Ray Train run of these inputs: same inputs -> same run -> resume from its checkpoints."""
+    resumable = {**inputs, "train": {k: v for k, v in inputs["train"].items() if k != "max_steps"}}
+    return f"train-{hash_json(resumable)[:12]}"
+
+
+def latest_checkpoint_step(out_dir: Path, run_name: str) -> int | None:
+    """The step of the newest checkpoint of `run_name` under out_dir, None without one."""
+    steps = [int(p.name.split("_")[-1]) for p in (Path(out_dir) / "ray" / run_name).glob("checkpoint_*")
+             if p.name.split("_")[-1].isdigit()]
+    return max(steps, default=None)
+
+
+def other_checkpoints(out_dir: Path, inputs: dict) -> list[dict]:
+    """Ray Train runs under out_dir/ray made from other inputs than `inputs`, newest checkpoint each:
+    {run_name, step, changed: [dotted input keys that differ], num_workers}. Their checkpoints are not used."""
+    from pipeline.teacher import _flatten
+
+    found = []
+    mine = train_run_name(inputs)
+    for run in sorted((Path(out_dir) / "ray").glob("train-*")):
+        step = latest_checkpoint_step(out_dir, run.name)
+        if run.name == mine or step is None:
+            continue
+        meta_path = run / f"checkpoint_{step:07d}" / "meta.json"
+        theirs = json.loads(meta_path.read_text()).get("inputs", {}) if meta_path.is_file() else {}
+        a, b = _flatten(theirs), _flatten(inputs)
+        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "train.max_steps")
+        found.append({"run_name": run.name, "step": step, "changed": changed,
+                      "num_workers": theirs.get("train", {}).get("num_workers")})
+    return found
+
+
+def world_size_conflict(out_dir: Path, inputs: dict) -> str | None:
+    """A clear refusal when the only difference from existing checkpoints is train.num_workers: each worker
+    reads its own shards, so another world size reads the data in another order and cannot continue them
+    exactly. Never a silent restart from step 0."""
+    for other in other_checkpoints(out_dir, inputs):
+        if other["changed"] == ["train.num_workers"]:
+            path = Path(out_dir) / "ray" / other["run_name"]
+            return (f"{path} holds a checkpoint at step {other['step']} of this same training with "
+                    f"train.num_workers={other['num_workers']}, but this run asks for "
+                    f"{inputs['train']['num_workers']}. Another world size reads the data in another order, so it "
+                    f"cannot continue that run exactly. Rerun with train.num_workers={other['num_workers']} to resume "
+                    f"from step {other['step']}, or delete {path} to start over from step 0.")
+    return None
 
 
 def _check_base_model(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, manifest: dict) -> None:
@@ -217,7 +265,7 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     teacher_dir, out_dir = Path(teacher_dir).resolve(), Path(out_dir).resolve()
     manifest = load_manifest(teacher_dir)
     _check_base_model(model_cfg, drafter_cfg, manifest)
-    inputs = _inputs(manifest, drafter_cfg, train_cfg, seed)
+    inputs = train_inputs(manifest, drafter_cfg, train_cfg, seed)
     drafter_dir = out_dir / "drafter"
     done = drafter_dir / "train_metrics.json"
     # checked before reusing anything too: a drafter is only as good as the shards it was trained on
@@ -227,6 +275,12 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     if all((drafter_dir / f).is_file() for f in DRAFTER_FILES) and json.loads(done.read_text())["inputs"] == inputs:
         print(f"train: reusing the trained drafter in {drafter_dir} (same teacher data and config)")
         return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}
+    conflict = world_size_conflict(out_dir, inputs)
+    if conflict:
+        raise ValueError(conflict)
+    for other in other_checkpoints(out_dir, inputs):
+        print(f"train: not using the checkpoint at step {other['step']} in ray/{other['run_name']}: it was made "
+              f"from other inputs ({', '.join(other['changed'][:5]) or 'unknown'})", flush=True)
     data = TeacherData(teacher_dir, manifest, train_cfg.batch_size, train_cfg.heldout_fraction, seed, 0,
                        train_cfg.num_workers)  # raises on a data/worker mismatch before any worker starts
     check_schedule(train_cfg, data.steps_per_epoch)
@@ -234,8 +288,7 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     if draft_vocab["size"]:
         print(f"train: draft vocabulary of {draft_vocab['size']} tokens covers {100 * draft_vocab['coverage']:.2f}% "
               f"of the teacher's response tokens ({draft_vocab['distinct_tokens']} distinct)", flush=True)
-    resumable = {**inputs, "train": {k: v for k, v in inputs["train"].items() if k != "max_steps"}}
-    run_name = f"train-{hash_json(resumable)[:12]}"  # same inputs -> same run -> resume from its checkpoints
+    run_name = train_run_name(inputs)
     loop_config = {"model_cfg": model_cfg, "drafter_cfg": drafter_cfg, "train_cfg": train_cfg,
                    "tracking_cfg": tracking_cfg, "teacher_dir": str(teacher_dir), "out_dir": str(out_dir),
                    "wandb_dir": str(wandb_dir or out_dir), "seed": seed, "wandb_group": wandb_group,
@@ -247,9 +300,17 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                                resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=str(out_dir / "ray"),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures)),
     )
-    trainer.fit()  # Ray Train v2 raises TrainingFailedError when a worker fails
+    try:
+        trainer.fit()  # a failed worker: Ray Train restarts the group from the last checkpoint, max_failures times
+    except Exception as e:  # noqa: BLE001 - Ray Train wraps the workers' errors; say how to resume
+        step = latest_checkpoint_step(out_dir, run_name)
+        where = f"from the checkpoint at step {step}" if step is not None else "from step 0 (no checkpoint yet)"
+        raise RuntimeError(f"training failed after {train_cfg.max_failures} restart(s) of the worker group: "
+                           f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}. Rerunning the same "
+                           f"command resumes {where}") from e
     if not done.is_file():
         raise RuntimeError(f"training finished but {done} was not written")
     return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}

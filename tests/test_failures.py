@@ -27,17 +27,45 @@ def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, c
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pm, "evaluate_and_gate", boom)
+    import pipeline.teacher
+
+    monkeypatch.setattr(pipeline.teacher, "run_teacher", boom)  # the stage fails after it started
     argv = ["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.name=r",
-            "run.stages=[eval]", "tracking.mode=disabled", "run.num_cpus=1", "data.max_prompt_tokens=4096"]
+            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=1", "data.max_prompt_tokens=4096"]
     assert pm.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "Rerun the same command to resume" in err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["stages"] == {"eval": status}
-    assert summary["error"]["stage"] == "eval" and summary["error"]["type"] == type(error).__name__
+    assert summary["stages"] == {"teacher": status}
+    assert summary["error"]["stage"] == "teacher" and summary["error"]["type"] == type(error).__name__
     if code == 1:
         assert "decoder exploded" in err and (tmp_path / "r" / "error.log").is_file()
         assert "RuntimeError: decoder exploded" in (tmp_path / "r" / "error.log").read_text()
     else:
         assert "python -m pipeline.main recipe=tiny" in err
+
+
+def test_sigterm_stops_like_ctrl_c_and_keeps_the_record(tiny_model_dir, tmp_path):
+    """`kill` / `ray job stop` / a preempting scheduler send SIGTERM: the stage is recorded as interrupted,
+    finished work is kept, and the last line says how to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.name=r",
+            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=2", "teacher.max_new_tokens=200",
+            "teacher.shard_size=1", "teacher.num_actors=1", "data.train.limit=40", "data.max_prompt_tokens=4096"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.main", *argv], cwd=pm.Path(pm.__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shards = tmp_path / "r" / "teacher" / "shards"
+    deadline = time.time() + 300
+    while not shards.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Rerun the same command to resume" in err.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["stages"] == {"teacher": "interrupted"} and summary["error"]["type"] == "KeyboardInterrupt"

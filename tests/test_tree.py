@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,7 @@ def test_draft_matches_loop_beam_search_and_keeps_teacher_forced_log_probs():
     h_BH, g0_B = torch.randn(3, 16, generator=gen), torch.tensor([4, 9, 63])
     W, L = 4, 4
     with torch.no_grad():
-        beams = draft(drafter, h_BH, g0_B, W, L)
+        beams = draft(drafter, h_BH, g0_B, W, L, top_logits=0)  # the unprocessed distribution
         assert beams.tokens_BWL.shape == (3, W, L)
         assert torch.equal(beams.tokens_BWL[..., 0], g0_B[:, None].expand(3, W))
         for b in range(3):
@@ -179,7 +180,7 @@ def test_draft_matches_loop_beam_search_and_keeps_teacher_forced_log_probs():
             assert beams.tokens_BWL[b].tolist() == tokens
             torch.testing.assert_close(beams.scores_BW[b], torch.tensor(scores), atol=1e-4, rtol=0)
         # Only beam 0 is alive at depth 1 (all beams are g0): the W first drafts are distinct.
-        first = draft(drafter, h_BH, g0_B, W, 2).tokens_BWL[..., 1]
+        first = draft(drafter, h_BH, g0_B, W, 2, top_logits=0).tokens_BWL[..., 1]
         assert all(len(set(row)) == W for row in first.tolist())
         # Kept log-probs are the drafter's teacher-forced distributions along each beam.
         N = 3 * W
@@ -189,12 +190,52 @@ def test_draft_matches_loop_beam_search_and_keeps_teacher_forced_log_probs():
         torch.testing.assert_close(kept, beams.scores_BW, atol=1e-4, rtol=0)
         # W = 1 without distributions takes the greedy-chain path: same tokens and scores as the search.
         for L1 in (1, 2, 5):
-            chain = draft(drafter, h_BH, g0_B, 1, L1, keep_log_probs=False)
+            chain = draft(drafter, h_BH, g0_B, 1, L1, keep_log_probs=False, top_logits=0)
             assert chain.log_probs_BWKV is None
             for b in range(3):
                 tokens, scores = loop_beam_search(drafter, h_BH[b], int(g0_B[b]), 1, L1)
                 assert chain.tokens_BWL[b].tolist() == tokens
                 torch.testing.assert_close(chain.scores_BW[b], torch.tensor(scores), atol=1e-4, rtol=0)
+
+
+def reference_rule_beam_search(drafter, h_H, g0: int, W: int, L: int, keep: int = 50):
+    """An independent (numpy, one beam at a time) implementation of the reference's search: per drafter
+    row, subtract the max, keep the `keep` largest logits, set all others to -5e4, then log-softmax; the
+    W best (joint score) continuations of all live beams survive, best first."""
+    beams = [([g0], 0.0, drafter.init_state(h_H))]
+    for _ in range(1, L):
+        candidates = []
+        for tokens, score, state in beams:
+            state = drafter.next_state(state, torch.tensor(tokens[-1]))
+            logits = drafter.logits(h_H, state).double().numpy()
+            logits = logits - logits.max()
+            processed = np.full_like(logits, -5e4)
+            top = np.argsort(-logits, kind="stable")[:keep]
+            processed[top] = logits[top]
+            log_probs = processed - np.log(np.exp(processed).sum())
+            candidates += [(tokens + [v], score + float(log_probs[v]), state) for v in range(len(log_probs))]
+        beams = sorted(candidates, key=lambda c: -c[1])[:W]
+    return [b[0] for b in beams], [b[1] for b in beams]
+
+
+@pytest.mark.parametrize("W", [1, 4, 8, 60])
+def test_draft_is_the_reference_search_over_the_top_50_logits(W):
+    """Identical beams and scores to an independent implementation of the reference's rule (W = 60 >
+    50: the extra beams come from -5e4 logits at depth 1 and are outscored at depth 2, as in the reference)."""
+    drafter = tiny_drafter(vocab_size=300)
+    gen = torch.Generator().manual_seed(1)
+    h_BH, g0_B = torch.randn(2, 16, generator=gen), torch.tensor([4, 250])
+    L = 4
+    with torch.no_grad():
+        for keep_log_probs in (True, False):
+            beams = draft(drafter, h_BH, g0_B, W, L, keep_log_probs=keep_log_probs)  # top_logits=50 by default
+            for b in range(2):
+                tokens, scores = reference_rule_beam_search(drafter, h_BH[b], int(g0_B[b]), W, L)
+                assert beams.tokens_BWL[b].tolist() == tokens
+                torch.testing.assert_close(beams.scores_BW[b].double(), torch.tensor(scores, dtype=torch.float64), atol=2e-4, rtol=0)
+        if W > 1:  # the rule matters: the unprocessed search differs in members or order
+            plain = draft(drafter, h_BH, g0_B, W, L, top_logits=0)
+            assert not torch.equal(plain.scores_BW, beams.scores_BW)
 
 
 def test_draft_edge_cases():

@@ -1,0 +1,126 @@
+"""The stage plan (pipeline/plan.py): a dry run says what each stage will do with the outputs already in
+the run directory (reused / will resume / will run / REFUSED and why), and a real run checks the same
+before Ray starts or anything in the run directory is overwritten.
+
+    python -m pytest tests/test_plan.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import pipeline.main as pm
+from pipeline.config import load_config
+from pipeline.plan import REFUSED, RESUME, REUSE, RUN, plan_stages
+
+
+def _argv(model_dir, out_dir, *extra):
+    return ["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={out_dir}", "run.name=r",
+            "tracking.mode=disabled", "run.num_cpus=2", "data.train.limit=6", "teacher.max_new_tokens=4",
+            "teacher.shard_size=2", "teacher.num_actors=1", "data.max_prompt_tokens=4096", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_model_dir, tmp_path_factory):
+    """A run directory whose teacher stage finished (3 shards), made through the real pipeline command."""
+    import ray
+
+    out = tmp_path_factory.mktemp("plan")
+    try:
+        assert pm.main(_argv(tiny_model_dir, out, "run.stages=[teacher]")) == 0
+    finally:
+        ray.shutdown()
+    return out
+
+
+def _plan(model_dir, out, *extra):
+    cfg = load_config(_argv(model_dir, out, *extra))
+    return {p.stage: p for p in plan_stages(cfg, pm.run_dir_of(cfg))}
+
+
+def test_finished_teacher_is_reused_and_later_stages_will_run(teacher_run, tiny_model_dir, capsys):
+    plan = _plan(tiny_model_dir, teacher_run)
+    assert plan["teacher"].action == REUSE and "3 shards verified" in plan["teacher"].detail
+    assert plan["train"].action == RUN and plan["eval"].action == RUN
+    assert pm.main(_argv(tiny_model_dir, teacher_run, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "stage teacher: reused (3 shards verified" in out and "stage train: will run" in out
+
+
+def test_other_base_model_is_refused_by_the_dry_run_and_before_the_real_run_writes(teacher_run, tiny_model_dir,
+                                                                                   tmp_path, capsys):
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    resolved = teacher_run / "r" / "resolved_config.yaml"
+    before = resolved.read_bytes()
+    assert pm.main(_argv(other, teacher_run, "--dry-run")) == 2
+    captured = capsys.readouterr()
+    assert "stage teacher: REFUSED (its data was made from other inputs: base_model_hash" in captured.out
+    assert "would be refused" in captured.err
+    assert pm.main(_argv(other, teacher_run)) == 2  # the real run: refused before Ray or any write
+    err = capsys.readouterr().err
+    assert "stage teacher: REFUSED" in err and "Nothing was written" in err
+    assert resolved.read_bytes() == before
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_damaged_or_unfinished_teacher_data_will_resume(teacher_run, tiny_model_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_run, copy)
+    shard = sorted((copy / "r" / "teacher" / "shards").glob("*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["teacher"].action == RESUME and "1 damaged shard(s)" in plan["teacher"].detail
+    (copy / "r" / "teacher" / "manifest.json").unlink()
+    journal = copy / "r" / "teacher" / "progress.jsonl"
+    journal.write_text(journal.read_text().splitlines()[0] + "\n")
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["teacher"].action == RESUME and "1 of 3 shards journaled" in plan["teacher"].detail
+    assert plan["train"].action == RUN
+
+
+def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, tmp_path):
+    from pipeline.teacher import load_manifest
+    from pipeline.train import DRAFTER_FILES, train_inputs, train_run_name
+
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_run, copy)
+    cfg = load_config(_argv(tiny_model_dir, copy))
+    train_dir = copy / "r" / "train"
+    inputs = train_inputs(load_manifest(copy / "r" / "teacher"), cfg.drafter, cfg.train, cfg.run.seed)
+    old = train_dir / "ray" / "train-0123456789ab" / "checkpoint_0000007"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"step": 7, "inputs": {**inputs, "train": {**inputs["train"], "lr": 9.0}}}))
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["train"].action == RUN and plan["train"].detail == \
+        "from step 0; the checkpoint at step 7 in ray/train-0123456789ab is not used (other train.lr)"
+    # the same training on another world size: refused with how to proceed, never a silent step 0
+    other_world = {**inputs, "train": {**inputs["train"], "num_workers": 1}}
+    (old / "meta.json").write_text(json.dumps({"step": 7, "inputs": other_world}))
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["train"].action == REFUSED
+    assert "train.num_workers=1" in plan["train"].detail and "resume from step 7" in plan["train"].detail
+    (train_dir / "ray" / train_run_name(inputs) / "checkpoint_0000020").mkdir(parents=True)
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["train"].action == RESUME and "step 20" in plan["train"].detail
+    drafter = train_dir / "drafter"
+    drafter.mkdir()
+    for name in DRAFTER_FILES:
+        (drafter / name).write_text("{}")
+    (drafter / "train_metrics.json").write_text(json.dumps({"inputs": inputs}))
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["train"].action == REUSE and plan["eval"].action == RUN
+    plan = _plan(tiny_model_dir, copy, "train.lr=0.5")  # another setting: that drafter is not reused
+    assert plan["train"].action == RUN and plan["train"].detail.startswith("from step 0")
+    assert plan["eval"].action == RUN
+
+
+def test_eval_alone_without_a_drafter_is_refused(tiny_model_dir, tmp_path):
+    plan = _plan(tiny_model_dir, tmp_path, "run.stages=[eval]")
+    assert plan["eval"].action == REFUSED and "no trained drafter" in plan["eval"].detail
