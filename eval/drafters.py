@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
 from eval.decoder import SpeculativeDecoder, plain_greedy
-from eval.evaluate import load_trained_drafter
+from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import cost_ratio, profile_decoder
 from pipeline.base_model import load_base_model
 from pipeline.config import Config
@@ -73,6 +73,8 @@ def main(argv=None) -> dict:
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
+    prompts = with_model_answers(prompts, model, tok, args.max_new_tokens or cfg.eval.max_new_tokens,
+                                 cfg.data.max_prompt_tokens)
     drafters = {d.name: load_trained_drafter(d / "train" / "drafter", model, model.dtype) for d in runs}
     decoders = {name: SpeculativeDecoder(model, dr, beam_width=W, beam_length=L) for name, dr in drafters.items()}
     methods = {"plain": lambda b: plain_greedy(model, b, n, eos)}

@@ -69,6 +69,34 @@ def eval_set_key(data_cfg: DataConfig, eval_cfg: EvalConfig) -> str:
                       "max_new_tokens": eval_cfg.max_new_tokens})
 
 
+def with_model_answers(prompts: list, model, tokenizer, answer_tokens: int, max_prompt_tokens: int) -> list:
+    """Prompts with a `followup` (MT-bench turn 2) become the full conversation: the first turn, the base
+    model's own plain greedy answer to it (at most `answer_tokens` tokens, its end of turn dropped), then
+    the follow-up question, through the chat template. Deterministic, and the same prompt for every
+    method compared. A completed conversation longer than max_prompt_tokens is dropped with a warning."""
+    import dataclasses
+    import warnings
+
+    out, dropped = [], []
+    for p in prompts:
+        if not p.followup:
+            out.append(p)
+            continue
+        answer = plain_greedy(model, [p.input_ids], answer_tokens, tokenizer.eos_token_id).tokens[0]
+        text_answer = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        messages = [*p.history, {"role": "assistant", "content": text_answer}, {"role": "user", "content": p.followup}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        input_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(input_ids) > max_prompt_tokens:
+            dropped.append(p.id)
+            continue
+        out.append(dataclasses.replace(p, text=text, input_ids=input_ids, followup="", history=messages))
+    if dropped:
+        warnings.warn(f"{len(dropped)} turn-2 prompt(s) longer than data.max_prompt_tokens={max_prompt_tokens} with "
+                      f"the model's turn-1 answer were dropped: {', '.join(dropped[:10])}")
+    return out
+
+
 def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbent=None) -> dict:
     """name -> (batch of token lists -> GenerationResult). 'plain' is the baseline."""
     from eval.baselines import lookahead_generate, prompt_lookup_generate
@@ -159,6 +187,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         incumbent = load_exported(incumbent_dir, input_embeddings(model), model.dtype).to(model.device)
     prompts = load_prompts(data_cfg.eval, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
     prompts = select_prompts(prompts, eval_cfg.num_prompts, eval_cfg.seed)  # stratified by category
+    prompts = with_model_answers(prompts, model, tokenizer, eval_cfg.max_new_tokens, data_cfg.max_prompt_tokens)
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
     t0 = time.time()
     explain = functools.partial(first_divergence, model) if eval_cfg.temperature == 0 else None
@@ -171,6 +200,8 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "inputs_hash": hash_json(inputs),
         "eval_set_hash": hash_json([(p.id, p.input_ids) for p in prompts]),
         "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts],
+        # turn-2 prompts as evaluated, with the base model's own turn-1 answers (reproducible: plain greedy)
+        "conversations": {p.id: p.history for p in prompts if p.history},
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
         "temperature": eval_cfg.temperature, "reference_compatible": eval_cfg.reference_compatible,

