@@ -120,3 +120,28 @@ def drafter_from_state(arch: DrafterArch, state: dict[str, torch.Tensor], embed_
     drafter = Drafter(arch, embed_weight_VH, state.get("d2t"))
     drafter.load_state_dict({k: v if k == "d2t" else v.to(dtype) for k, v in state.items()})
     return drafter.to(dtype).eval()  # Module.to(dtype) casts floating tensors only: d2t stays int64
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pipeline.export --check DIR --base-model MODEL: check a received export (pipeline/handoff.py)."""
+    import argparse
+    import sys
+
+    from pipeline.handoff import check_export
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.export", description=main.__doc__)
+    ap.add_argument("--check", type=Path, required=True, help="an export directory (or its drafter/ inside)")
+    ap.add_argument("--base-model", required=True, help="the base model it is served with (hub id, dir, .gguf, pkg:)")
+    args = ap.parse_args(argv)
+    problems = check_export(args.check, args.base_model)
+    for p in problems:
+        print(f"FAIL: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"OK: {args.check} is a sound drafter for {args.base_model} (hashes, tensors, beam settings, base model, "
+          "lossless smoke test)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -111,12 +111,16 @@ def _fmt(v) -> str:
 
 
 def publish(decision: dict, drafter_dir: Path, record: dict, lineage: dict, export_root: Path,
-            tracker=None, artifact_name: str = "drafter") -> Path:
+            tracker=None, artifact_name: str = "drafter", data: dict | None = None) -> Path:
     """Export into export_root/promoted or export_root/candidate:
 
         <kind>/drafter/{config.json, model.safetensors}   (exactly the reference format)
+        <kind>/README.md (model card), serving.json       (pipeline/handoff.py)
         <kind>/eval_record.json, lineage.json, decision.json
-    and log it to W&B as a `drafter` artifact with alias `promoted` or `candidate`."""
+    and log it to W&B as a `drafter` artifact with alias `promoted` or `candidate`. `data` is what the
+    card says about the training data (the teacher manifest's counts and accounting)."""
+    from pipeline.handoff import write_handoff
+
     kind = "promoted" if decision["promoted"] else "candidate"
     out = export_root / kind
     if out.exists():
@@ -126,6 +130,7 @@ def publish(decision: dict, drafter_dir: Path, record: dict, lineage: dict, expo
     export_drafter(state, arch, out / "drafter")
     for name, obj in (("eval_record.json", record), ("lineage.json", lineage), ("decision.json", decision)):
         (out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    write_handoff(out, record, arch, decision, lineage, data)
     if tracker is not None:
         log_artifact(tracker, out, name=artifact_name, type="drafter", aliases=[kind],
                      metadata={"decision": decision["reason"], "tokens_per_step": record["tokens_per_step"],

@@ -262,8 +262,13 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
         "recipe": to_dict(cfg), "code_version": code_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest = json.loads(teacher_manifest.read_text()) if teacher_manifest.is_file() else None
+    data = ({"num_sequences": manifest["num_sequences"], "num_tokens": manifest["num_tokens"],
+             "prompt_accounting": manifest.get("prompt_accounting", {}),
+             "responses": manifest.get("recipe", {}).get("teacher", {}).get("responses", "generate")}
+            if manifest else None)
     export_dir = publish(decision, drafter_dir, record, lineage, run_dir / "export", tracker,
-                         artifact_name=f"drafter-{cfg.run.name}")
+                         artifact_name=f"drafter-{cfg.run.name}", data=data)
     if decision["promoted"]:
         record_promotion(registry, base_hash, set_key, export_dir, record, candidate_sha)
     tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
