@@ -158,19 +158,53 @@ def preflight(cfg: Config) -> None:
         load_prompt_set(cfg.data.eval, load_tokenizer(cfg.model), cfg.data.max_prompt_tokens, cfg.data.chat_template)
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock until the returned file is closed (or the process ends); a second
+    run pointed at the same directory gets a clear error instead of interleaving its writes. The lock dies
+    with the process, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{run_dir} is in use by another run ({holder}); wait for it to finish, or use another "
+                         "run.name / run.output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 def run_pipeline(cfg: Config, run_dir: Path) -> dict:
+    preflight(cfg)
+    created = not run_dir.exists()
+    lock = lock_run_dir(run_dir)  # held while this run lasts: a second run on the same directory refuses
+    try:
+        return _run_stages(cfg, run_dir, created)
+    finally:
+        lock.close()
+
+
+def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
+    from pipeline.plan import plan_stages, refusals
     from pipeline.tracking import open_run
 
-    from pipeline.plan import plan_stages, refusals
-
-    preflight(cfg)
     plans = plan_stages(cfg, run_dir)  # nothing in the run directory is touched before these checks pass
     refused = refusals(plans)
     if refused:
+        if created:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
     for plan in plans:
         print(plan.line(), flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
     tracker = open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-pipeline", job_type="pipeline",

@@ -124,3 +124,18 @@ def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, 
 def test_eval_alone_without_a_drafter_is_refused(tiny_model_dir, tmp_path):
     plan = _plan(tiny_model_dir, tmp_path, "run.stages=[eval]")
     assert plan["eval"].action == REFUSED and "no trained drafter" in plan["eval"].detail
+
+
+def test_a_second_run_on_the_same_directory_refuses(tiny_model_dir, tmp_path, capsys):
+    """Two runs pointed at one run directory: the second gets a clear error and writes nothing."""
+    lock = pm.lock_run_dir(tmp_path / "r")  # the first run holds the lock
+    try:
+        assert pm.main(_argv(tiny_model_dir, tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another run (pid" in err and "use another run.name" in err
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".lock"]
+    finally:
+        lock.close()
+    import ray
+
+    assert not ray.is_initialized()
