@@ -151,6 +151,16 @@ class GateConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    """Assumptions of the resource plan (`--plan`, pipeline/resources.py): measure and replace them."""
+    gpu_memory_gb: float = 80.0
+    memory_headroom: float = 0.2  # fraction of GPU memory kept free (activations, fragmentation, CUDA context)
+    teacher_tokens_per_s: float = 2000.0  # per teacher replica: generation plus the recording pass
+    train_tokens_per_s: float = 50000.0  # per training GPU
+    eval_tokens_per_s: float = 40.0  # plain decoding at the eval batch size
+
+
+@dataclass
 class TrackingConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "draftforge"
@@ -168,6 +178,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 class ConfigError(ValueError):
@@ -280,6 +291,12 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.teacher.responses == "corpus" and cfg.teacher.temperature > 0:
         p.append("'teacher.temperature' applies to generated responses; teacher.responses=corpus uses the corpus's "
                  "replies as written (set teacher.temperature=0)")
+    res = cfg.resources
+    for key in ("gpu_memory_gb", "teacher_tokens_per_s", "train_tokens_per_s", "eval_tokens_per_s"):
+        if getattr(res, key) <= 0:
+            p.append(f"bad value for 'resources.{key}': {getattr(res, key)!r}; must be > 0")
+    if not 0 <= res.memory_headroom < 1:
+        p.append(f"bad value for 'resources.memory_headroom': {res.memory_headroom!r}; must be in [0, 1)")
     if cfg.train.max_failures < 0:
         p.append(f"bad value for 'train.max_failures': {cfg.train.max_failures}; must be >= 0")
     if not 0 <= cfg.train.heldout_fraction < 1:

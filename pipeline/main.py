@@ -3,6 +3,7 @@
     python -m pipeline.main recipe=tiny                         # laptop / CI: local Ray, CPU, W&B offline
     python -m pipeline.main recipe=tiny --print-config          # resolved config, then exit
     python -m pipeline.main recipe=tiny --dry-run               # validate everything, show the plan, do nothing
+    python -m pipeline.main recipe=llama70b --plan              # GPUs, memory, data size, hours from config.json
     python -m pipeline.main recipe=tiny train.epochs=1 eval.num_prompts=8   # dotted overrides
     ray job submit -- python -m pipeline.main recipe=llama70b   # on a cluster
 
@@ -30,6 +31,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("overrides", nargs="*", help="recipe=NAME and dotted key=value overrides")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--dry-run", action="store_true", help="validate config, model and data; print the plan; run nothing")
+    ap.add_argument("--plan", action="store_true", help="print the resource plan from the base model's config.json "
+                                                        "alone (no weights, no data, no hub) and exit")
     args = ap.parse_args(argv)
     return args, args.overrides
 
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     previous = _stop_on_sigterm()
     try:
+        if args.plan:
+            from pipeline.resources import load_model_config, resource_plan
+
+            print(resource_plan(cfg, load_model_config(cfg.model)).text())
+            return 0
         if args.dry_run:
             return dry_run(cfg, run_dir)
         summary = run_pipeline(cfg, run_dir)
