@@ -159,8 +159,11 @@ def finished_record(out_dir: Path, inputs: dict) -> dict | None:
     path = Path(out_dir) / "eval_record.json"
     if not path.is_file():
         return None
-    done = json.loads(path.read_text())
-    return done if done.get("inputs_hash") == hash_json(inputs) else None
+    try:
+        done = json.loads(path.read_text())
+    except json.JSONDecodeError:  # torn by a crash mid-write (older versions wrote it in place): redo the eval
+        return None
+    return done if isinstance(done, dict) and done.get("inputs_hash") == hash_json(inputs) else None
 
 
 @torch.inference_mode()
@@ -221,7 +224,9 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if eval_cfg.temperature == 0 and eval_cfg.profile_prompts > 0:
         record.update(ideal_speedup(model, drafter, eval_cfg, prompts, tokenizer.eos_token_id, record))
     plot_record(record, out_dir / "eval.png")
-    record_path.write_text(json.dumps(record, indent=2) + "\n")  # written last: it marks the stage done
+    tmp = record_path.with_name(f".{record_path.name}.tmp")  # written last and whole: it marks the stage done
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(record_path)
     return record
 
 

@@ -7,6 +7,7 @@ decided (the first that failed, or "all rules passed").
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -122,15 +123,21 @@ def publish(decision: dict, drafter_dir: Path, record: dict, lineage: dict, expo
     from pipeline.handoff import write_handoff
 
     kind = "promoted" if decision["promoted"] else "candidate"
-    out = export_root / kind
-    if out.exists():
-        shutil.rmtree(out)  # re-running the gate on the same checkpoint replaces its own export
+    final = export_root / kind
+    # built in a temporary directory and renamed into place: an export is whole or absent, never partial
+    for stale in export_root.glob(f".{kind}.tmp-*"):  # left by a run killed mid-export
+        shutil.rmtree(stale, ignore_errors=True)
+    out = export_root / f".{kind}.tmp-{os.getpid()}"
     arch = DrafterArch(**json.loads((drafter_dir / "arch.json").read_text()))
     state = load_file(str(drafter_dir / "drafter.safetensors"))
     export_drafter(state, arch, out / "drafter")
     for name, obj in (("eval_record.json", record), ("lineage.json", lineage), ("decision.json", decision)):
         (out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
     write_handoff(out, record, arch, decision, lineage, data)
+    if final.exists():
+        shutil.rmtree(final)  # re-running the gate on the same checkpoint replaces its own export
+    out.rename(final)
+    out = final
     if tracker is not None:
         log_artifact(tracker, out, name=artifact_name, type="drafter", aliases=[kind],
                      metadata={"decision": decision["reason"], "tokens_per_step": record["tokens_per_step"],

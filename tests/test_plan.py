@@ -139,3 +139,11 @@ def test_a_second_run_on_the_same_directory_refuses(tiny_model_dir, tmp_path, ca
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_a_torn_eval_record_is_never_trusted(tmp_path):
+    """An eval killed while writing its record: the rerun redoes the eval instead of reading half a record."""
+    from eval.evaluate import finished_record
+
+    (tmp_path / "eval_record.json").write_text('{"inputs_hash": "abc", "tokens_per_st')
+    assert finished_record(tmp_path, {"x": 1}) is None
