@@ -215,8 +215,11 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
         print(plan.line(), flush=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
-    tracker = open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-pipeline", job_type="pipeline",
-                       group=cfg.run.name, config=to_dict(cfg))
+
+    def stage_run(job_type: str):  # one W&B run per stage, all in the group of this pipeline run
+        return open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-{job_type}", job_type=job_type,
+                        group=cfg.run.name, config=to_dict(cfg))
+
     times: dict[str, float] = {}
     status: dict[str, str] = {stage: "pending" for stage in cfg.run.stages}
     summary: dict = {"run_dir": str(run_dir), "stage_seconds": times, "stages": status}
@@ -233,8 +236,11 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             t = time.time()
             manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run_dir / "teacher", seed=cfg.run.seed)
             times["teacher"] = time.time() - t
+            tracker = stage_run("teacher")
             tracker.log({"teacher/sequences": manifest["num_sequences"], "teacher/tokens": manifest["num_tokens"],
                          "teacher/seconds": times["teacher"]})
+            tracker.summary.update({"teacher/tokens": manifest["num_tokens"], "teacher/seconds": times["teacher"]})
+            tracker.finish()
             status["teacher"] = "done"
             write_summary()
         current = "train"
@@ -247,12 +253,15 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
                                      wandb_dir=run_dir)
             times["train"] = time.time() - t
             summary["train"] = train_result
-            tracker.log({"train/seconds": times["train"]})
             status["train"] = "done"
             write_summary()
         current = "eval"
         if "eval" in cfg.run.stages:
-            summary.update(evaluate_and_gate(cfg, run_dir, tracker, times))
+            tracker = stage_run("eval")
+            try:
+                summary.update(evaluate_and_gate(cfg, run_dir, tracker, times))
+            finally:
+                tracker.finish()
             status["eval"] = "done"
     except BaseException as e:  # KeyboardInterrupt too: record where it stopped, then let main() report it
         if current in status:
@@ -260,8 +269,11 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             summary["error"] = {"stage": current, "type": e.__class__.__name__, "message": str(e)[:2000]}
         raise
     finally:
-        summary["wandb"] = tracker_location(tracker)
-        tracker.finish()
+        wandb_dir = run_dir / "wandb"
+        summary["wandb"] = (f"{wandb_dir} (group {cfg.run.name!r}; `wandb sync {wandb_dir}/offline-run-*` uploads it)"
+                            if cfg.tracking.mode == "offline" else
+                            f"group {cfg.run.name!r} in project {cfg.tracking.project!r}"
+                            if cfg.tracking.mode == "online" else "disabled")
         write_summary()
     return summary
 
@@ -313,6 +325,7 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
                          artifact_name=f"drafter-{cfg.run.name}", data=data)
     if decision["promoted"]:
         record_promotion(registry, base_hash, set_key, export_dir, record, candidate_sha)
+    log_eval_tables(tracker, record, run_dir / "eval" / "eval.png")
     tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     tracker.log({f"eval/{m}/{k}": v for m, r in record["methods"].items() for k, v in r.items()
                  if isinstance(v, (int, float))})
@@ -321,9 +334,27 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     return {"record": record, "decision": decision, "export_dir": str(export_dir)}
 
 
-def tracker_location(tracker) -> str:
-    run_dir = getattr(tracker, "dir", None) or getattr(getattr(tracker, "settings", None), "sync_dir", None)
-    return str(run_dir) if run_dir else "disabled"
+def log_eval_tables(tracker, record: dict, plot: Path) -> None:
+    """The eval as W&B tables (one row per method; one per category and method) and the plot as an image."""
+    from pipeline.tracking import NullRun
+
+    if isinstance(tracker, NullRun) or tracker is None:
+        return
+    import wandb
+
+    from eval.compare import ci_text
+
+    methods = wandb.Table(columns=["method", "tau", "tokens_per_s", "speedup", "speedup_ci95", "lossless"])
+    by_category = wandb.Table(columns=["category", "method", "tau", "speedup"])
+    for name, m in record.get("methods", {}).items():
+        methods.add_data(name, m["tokens_per_step"], m["tokens_per_s"], m["speedup"],
+                         ci_text(m["speedup_ci95"]).lstrip("±"), str(m["lossless"]))
+        for c, v in sorted(m.get("by_category", {}).items()):
+            by_category.add_data(c, name, v["tokens_per_step"], v["speedup"])
+    logged = {"eval/methods": methods, "eval/by_category": by_category}
+    if plot.is_file():
+        logged["eval/plot"] = wandb.Image(str(plot))
+    tracker.log(logged)
 
 
 def print_summary(summary: dict) -> None:

@@ -86,7 +86,8 @@ def log_artifact(run, path: str | Path, name: str, type: str, aliases: list[str]
 
 def read_offline_run(run_path: str | Path) -> dict:
     """What an offline run recorded, read back from its transaction log (`run-<id>.wandb`):
-    {"history": [{key: value, "_step": n}, ...], "summary": {key: value}, "artifacts": [{name, type, aliases}]}.
+    {"history": [{key: value, "_step": n}, ...], "summary": {key: value}, "artifacts": [{name, type, aliases}],
+     "group", "job_type", "name"}.
 
     wandb >= 0.2x (wandb-core) writes no files/wandb-summary.json for offline runs; everything is in
     this log, a LevelDB-style record log (32 KiB blocks, 7-byte record headers) of protobuf Records."""
@@ -99,7 +100,7 @@ def read_offline_run(run_path: str | Path) -> dict:
     if not logs:
         raise ValueError(f"no W&B transaction log (run-*.wandb) in {run_path}")
     data = logs[0].read_bytes()
-    out: dict = {"history": [], "summary": {}, "artifacts": []}
+    out: dict = {"history": [], "summary": {}, "artifacts": [], "group": "", "job_type": "", "name": ""}
     pos, block, pending = 7, 32768, b""  # 7 = header ":W&B" + magic (2 bytes) + version (1 byte)
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
@@ -115,7 +116,9 @@ def read_offline_run(run_path: str | Path) -> dict:
         rec = pb.Record()
         rec.ParseFromString(pending)
         which = rec.WhichOneof("record_type")
-        if which == "history":
+        if which == "run":
+            out.update(group=rec.run.run_group, job_type=rec.run.job_type, name=rec.run.display_name)
+        elif which == "history":
             row = {it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item}
             out["history"].append(row)
         elif which == "summary":

@@ -94,10 +94,14 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     lineage = json.loads((export / "lineage.json").read_text())
     assert lineage["base_model_hash"] and lineage["teacher_manifest_hash"] and lineage["code_version"]
 
-    # W&B offline runs: the pipeline run and the training run, with logged metrics
+    # W&B offline runs: one group, one run per stage, the eval as tables and the plot as an image
     runs = [read_offline_run(p.parent) for p in (run / "wandb").rglob("run-*.wandb")]
+    assert sorted(r["job_type"] for r in runs) == ["eval", "teacher", "train"] and {r["group"] for r in runs} == {"tiny"}
     keys = set().union(*(r["summary"] for r in runs)) if runs else set()
     assert "tokens_per_step" in keys and any(k.startswith("train/") for k in keys), keys
+    logged = {k: v for r in runs for row in r["history"] for k, v in row.items()}
+    assert logged["eval/methods/_type"] == "table-file" and logged["eval/by_category/_type"] == "table-file"
+    assert logged["eval/plot/_type"] == "image-file" and logged["eval/methods/nrows"] >= 3
     aliases = {a for r in runs for art in r["artifacts"] for a in art["aliases"]}
     assert kind in aliases, aliases
 
