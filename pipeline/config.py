@@ -37,6 +37,7 @@ class ModelConfig:
     revision: str = ""
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
+    allow_untested: bool = False  # run a model family the tests do not cover (pipeline/support.py)
 
 
 @dataclass

@@ -156,12 +156,19 @@ def _saved(run_dir: Path) -> str:
 
 def preflight(cfg: Config) -> None:
     """Checks that must pass before Ray starts or anything is written: the base model resolves (a GGUF
-    is converted here, once, before any actor needs it), and the eval prompts load and fit. The
+    is converted here, once, before any actor needs it), its architecture is supported (pipeline/support.py),
+    and the eval prompts load and fit. The
     training prompts are checked by the teacher stage before it generates anything."""
     from data.prompts import load_prompt_set
     from pipeline.base_model import load_tokenizer, resolve_model_path
 
-    resolve_model_path(cfg.model)
+    from transformers import AutoConfig
+
+    from pipeline.support import check_support
+
+    path = resolve_model_path(cfg.model)
+    check_support(AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
+                                             trust_remote_code=cfg.model.trust_remote_code), cfg.model.allow_untested)
     if "eval" in cfg.run.stages:
         load_prompt_set(cfg.data.eval, load_tokenizer(cfg.model), cfg.data.max_prompt_tokens, cfg.data.chat_template)
 
