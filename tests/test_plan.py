@@ -106,6 +106,10 @@ def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, 
     plan = _plan(tiny_model_dir, copy)
     assert plan["train"].action == REFUSED
     assert "train.num_workers=1" in plan["train"].detail and "resume from step 7" in plan["train"].detail
+    from pipeline.train import run_train  # the stage itself refuses too, before any worker starts
+
+    with pytest.raises(ValueError, match="Rerun with train.num_workers=1 to resume from step 7"):
+        run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, copy / "r" / "teacher", train_dir)
     (train_dir / "ray" / train_run_name(inputs) / "checkpoint_0000020").mkdir(parents=True)
     plan = _plan(tiny_model_dir, copy)
     assert plan["train"].action == RESUME and "step 20" in plan["train"].detail
