@@ -12,6 +12,7 @@ repeats, tau from the method's DecodeStats, and losslessness token for token aga
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,11 +99,18 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
     if warmup:
         for name in names:
             methods[name]([ids[i] for i in batches[0]])
+    done, total, t0 = 0, repeats * len(names), time.time()
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             desc = f"{name} {rep + 1}/{repeats}" if progress else ""
             runs[name].append(run_method(methods[name], ids, batches, desc))
+            done += 1
+            if progress:  # one line per method and repeat, also in job logs where the bars are off
+                r = runs[name][-1]
+                print(f"eval: {done}/{total} {name} repeat {rep + 1}/{repeats}: "
+                      f"{_tokens_per_s(r, list(range(len(batches))), batches):.1f} tokens/s "
+                      f"({time.time() - t0:.0f} s so far)", flush=True)
     every = list(range(len(batches)))
     base = runs[reference][0].tokens
     out = {}
