@@ -316,6 +316,21 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}
 
 
+def _quiet_worker_logs() -> None:
+    """The console shows our own log lines, not Ray Train's per-step `Reporting training result ...
+    TrainingReport(...)` dicts (logged at INFO by every rank) nor torch's deprecation notice from inside
+    DeepSpeed's all-gather; Ray keeps every worker's full log under its session directory."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context  # its logger is named by file
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: its logging is left as it is
+        pass
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
 def train_worker(config: dict) -> None:
     """Body of every Ray Train worker (Ray Train already set up the process group)."""
     import ray.train
@@ -323,6 +338,7 @@ def train_worker(config: dict) -> None:
     from pipeline.distributed import full_state_dict, init_engine
     from pipeline.tracking import NullRun, open_run
 
+    _quiet_worker_logs()
     tc, dc, manifest = config["train_cfg"], config["drafter_cfg"], config["manifest"]
     seed, out_dir = config["seed"], Path(config["out_dir"])
     torch.set_num_threads(tc.cpus_per_worker)
