@@ -222,6 +222,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
         print(plan.line(), flush=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
+    _stop_on_sigterm()  # again: ray.init installs a handler that aborts the driver on SIGTERM
 
     def stage_run(job_type: str):  # one W&B run per stage, all in the group of this pipeline run
         return open_run(cfg.tracking, run_dir, name=f"{cfg.run.name}-{job_type}", job_type=job_type,

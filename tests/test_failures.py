@@ -45,7 +45,7 @@ def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, c
         assert "python -m pipeline.main recipe=tiny" in err
 
 
-def test_sigterm_stops_like_ctrl_c_and_keeps_the_record(tiny_model_dir, tmp_path):
+def test_sigterm_stops_like_ctrl_c_and_keeps_the_record(tmp_path):
     """`kill` / `ray job stop` / a preempting scheduler send SIGTERM: the stage is recorded as interrupted,
     finished work is kept, and the last line says how to resume."""
     import signal
@@ -53,9 +53,9 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_the_record(tiny_model_dir, tmp_path
     import sys
     import time
 
-    argv = ["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.name=r",
-            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=2", "teacher.max_new_tokens=200",
-            "teacher.shard_size=1", "teacher.num_actors=1", "data.train.limit=40", "data.max_prompt_tokens=4096"]
+    argv = ["recipe=tiny", f"run.output_dir={tmp_path}", "run.name=r",  # the recipe's own tiny base model
+            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=2", "teacher.max_new_tokens=8",
+            "teacher.shard_size=1", "teacher.num_actors=1", "data.train.limit=200", "data.max_prompt_tokens=4096"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.main", *argv], cwd=pm.Path(pm.__file__).parent.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shards = tmp_path / "r" / "teacher" / "shards"
