@@ -96,7 +96,7 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
 
     # W&B offline runs: one group, one run per stage, the eval as tables and the plot as an image
     runs = [read_offline_run(p.parent) for p in (run / "wandb").rglob("run-*.wandb")]
-    assert sorted(r["job_type"] for r in runs) == ["eval", "teacher", "train"] and {r["group"] for r in runs} == {"tiny"}
+    assert sorted(r["job_type"] for r in runs) == ["eval", "teacher", "train"] and {r["group"] for r in runs} == {run.name}
     keys = set().union(*(r["summary"] for r in runs)) if runs else set()
     assert "tokens_per_step" in keys and any(k.startswith("train/") for k in keys), keys
     logged = {k: v for r in runs for row in r["history"] for k, v in row.items()}

@@ -207,3 +207,42 @@ def test_data_split_and_order_are_deterministic(teacher_dir):
     again = TeacherData(teacher_dir, manifest, 2, 0.1, 0, 0, 2)
     assert [q.prompt_id for q in again.batch(7)] == [q.prompt_id for q in ranks[0].batch(7)]  # epoch 1, any time
     assert [q.prompt_id for q in ranks[0].batch(5)] != [q.prompt_id for q in ranks[0].batch(0)]  # reshuffled
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ray_local, tiny_model_dir,
+                                                                               teacher_dir, tmp_path, capfd):
+    """A training worker SIGKILLed mid-run: Ray Train restarts the worker group from the last checkpoint
+    (train.max_failures) inside the same run, and the drafter equals an uninterrupted run's, bit for bit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    cfg = dataclasses.replace(TRAIN, epochs=8, checkpoint_every=10, max_failures=1)  # 40 steps
+    model = ModelConfig(base_model=str(tiny_model_dir))
+    clean = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, tmp_path / "clean", seed=0)
+    killed_out, killed = tmp_path / "killed", []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((killed_out / "ray").glob("train-*/checkpoint_0000010")):
+            time.sleep(0.05)
+        ours = [p for p in psutil.Process().children(recursive=True)  # this test's own cluster only
+                if any("RayTrainWorker" in part for part in p.cmdline())]
+        if ours:
+            os.kill(ours[0].pid, signal.SIGKILL)
+            killed.append(ours[0].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, killed_out, seed=0)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert result["steps"] == clean["steps"] == 40
+    time.sleep(2)  # worker output reaches the driver asynchronously
+    assert "train: resuming from step 10" in "".join(capfd.readouterr())  # restarted mid-run, from the checkpoint
+    assert sha256_file(killed_out / "drafter" / "drafter.safetensors") == \
+        sha256_file(tmp_path / "clean" / "drafter" / "drafter.safetensors")
+    assert len(list((killed_out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
