@@ -48,6 +48,7 @@ def dry_run(cfg: Config, run_dir: Path) -> int:
     from pipeline.base_model import load_tokenizer
     from pipeline.plan import plan_stages, refusals
 
+    preflight(cfg)  # the same checks as a real run (architecture, settings vs the model, contexts): raises
     tokenizer = load_tokenizer(cfg.model)
     print(f"base model: {cfg.model.base_model} (tokenizer: {len(tokenizer)} tokens) - ok")
     for split in ("train", "eval"):
@@ -74,7 +75,8 @@ def init_ray(cfg: Config) -> None:
     else:
         # The dashboard (on by default when ray[default] is installed) also serves the State API;
         # without it Ray Train's PlacementGroupCleaner warns every second that it cannot poll.
-        ray.init(num_cpus=cfg.run.num_cpus or None, log_to_driver=True,
+        # address="local": always this run's own cluster, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
 
 
@@ -157,20 +159,61 @@ def _saved(run_dir: Path) -> str:
 def preflight(cfg: Config) -> None:
     """Checks that must pass before Ray starts or anything is written: the base model resolves (a GGUF
     is converted here, once, before any actor needs it), its architecture is supported (pipeline/support.py),
-    and the eval prompts load and fit. The
-    training prompts are checked by the teacher stage before it generates anything."""
-    from data.prompts import load_prompt_set
-    from pipeline.base_model import load_tokenizer, resolve_model_path
-
+    the settings fit it (teacher.top_k, the teacher's and the eval's contexts, workers vs shards), and the
+    eval prompts load and fit. The training prompts themselves are checked by the teacher stage before it
+    generates anything."""
     from transformers import AutoConfig
 
+    from data.prompts import load_prompt_set
+    from pipeline.base_model import load_tokenizer, resolve_model_path
     from pipeline.support import check_support
 
     path = resolve_model_path(cfg.model)
-    check_support(AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
-                                             trust_remote_code=cfg.model.trust_remote_code), cfg.model.allow_untested)
+    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    check_support(config, cfg.model.allow_untested)
+    tokenizer = load_tokenizer(cfg.model)
+    train_prompts = None
+    if "teacher" in cfg.run.stages:  # their lengths decide the teacher's context and the shard count
+        train_prompts, _ = load_prompt_set(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+    problems = settings_problems(cfg, config.get_text_config(), train_prompts)
     if "eval" in cfg.run.stages:
-        load_prompt_set(cfg.data.eval, load_tokenizer(cfg.model), cfg.data.max_prompt_tokens, cfg.data.chat_template)
+        from data.prompts import select_prompts
+
+        prompts, _ = load_prompt_set(cfg.data.eval, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+        prompts = select_prompts(prompts, cfg.eval.num_prompts, cfg.eval.seed)  # the ones the eval will run
+        max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        need = max(len(p.input_ids) for p in prompts) + cfg.eval.max_new_tokens + \
+            cfg.eval.beam_width * cfg.eval.beam_length + cfg.eval.beam_length
+        if max_positions and need > max_positions:
+            problems.append(f"the longest eval prompt + eval.max_new_tokens + the beams' slots (eval.beam_width x "
+                            f"eval.beam_length + eval.beam_length) = {need} positions, more than the base model's "
+                            f"max_position_embeddings={max_positions}: lower eval.max_new_tokens or the beam settings")
+    if problems:
+        raise ValueError("settings that cannot work with this base model:\n  " + "\n  ".join(problems))
+
+
+def settings_problems(cfg: Config, text_config, train_prompts: list | None = None) -> list[str]:
+    """Settings checked against the base model's config (and the training prompts, when the teacher stage
+    runs), before any work."""
+    import math
+
+    problems = []
+    vocab = text_config.vocab_size
+    if "teacher" in cfg.run.stages and not 0 < cfg.teacher.top_k < vocab:
+        problems.append(f"teacher.top_k={cfg.teacher.top_k} must be in [1, vocab_size={vocab})")
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    if train_prompts:
+        longest = max(len(p.input_ids) for p in train_prompts) + cfg.teacher.max_new_tokens
+        if max_positions and longest > max_positions:
+            problems.append(f"the longest training prompt + teacher.max_new_tokens = {longest} tokens exceeds the "
+                            f"base model's max_position_embeddings={max_positions}")
+        shards = math.ceil(len(train_prompts) / cfg.teacher.shard_size)  # at most this many
+        if "train" in cfg.run.stages and shards < cfg.train.num_workers:
+            problems.append(f"{len(train_prompts)} training prompts make at most {shards} teacher shard(s) of "
+                            f"teacher.shard_size={cfg.teacher.shard_size} for train.num_workers={cfg.train.num_workers}: "
+                            "every worker reads whole shards; lower teacher.shard_size or train.num_workers")
+    return problems
 
 
 def lock_run_dir(run_dir: Path):

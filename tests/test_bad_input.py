@@ -55,3 +55,32 @@ def test_warmup_longer_than_the_run_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_schedule(TrainConfig(warmup_steps=5, epochs=2), steps_per_epoch=10)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("teacher.top_k=100000", "teacher.top_k=100000 must be in"),
+    ("teacher.max_new_tokens=500", "the longest training prompt + teacher.max_new_tokens"),
+    ("teacher.shard_size=64", "make at most 1 teacher shard(s) of teacher.shard_size=64 for train.num_workers=2"),
+    ("eval.max_new_tokens=505", "the longest eval prompt + eval.max_new_tokens + the beams' slots"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, tmp_path, override, message):
+    """teacher.top_k, the teacher's and the eval's context, and workers vs shards: checked before Ray starts."""
+    from pipeline.main import run_dir_of, run_pipeline
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n"
+                                 for i, p in enumerate(["def add(a, b):\n", "class Stack:\n"])))
+    cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}",
+                       "data.train.limit=6", "teacher.shard_size=2", "teacher.max_new_tokens=4",
+                       f"data.eval.path={eval_file}", "data.eval.split=train", override])
+    pattern = message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
+    with pytest.raises(ValueError, match=pattern):
+        run_pipeline(cfg, run_dir_of(cfg))
+    assert not run_dir_of(cfg).exists()
+    from pipeline.main import dry_run
+
+    with pytest.raises(ValueError, match=pattern):  # the dry run says the same (main() prints it, exit 2)
+        dry_run(cfg, run_dir_of(cfg))
+    import ray
+
+    assert not ray.is_initialized()

@@ -31,7 +31,8 @@ def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(pipeline.teacher, "run_teacher", boom)  # the stage fails after it started
     argv = ["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.name=r",
-            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=1", "data.max_prompt_tokens=4096"]
+            "run.stages=[teacher]", "tracking.mode=disabled", "run.num_cpus=1", "data.max_prompt_tokens=4096",
+            "data.train.limit=6", "teacher.max_new_tokens=4"]
     assert pm.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "Rerun the same command to resume" in err
