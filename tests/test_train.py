@@ -220,14 +220,15 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ra
 
     import psutil
 
-    cfg = dataclasses.replace(TRAIN, epochs=8, checkpoint_every=10, max_failures=1)  # 40 steps
+    cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=1)  # 60 steps
     model = ModelConfig(base_model=str(tiny_model_dir))
     clean = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, tmp_path / "clean", seed=0)
     killed_out, killed = tmp_path / "killed", []
 
     def kill_a_worker_after_the_first_checkpoint():
+        # once checkpoint 20 is on disk, checkpoint 10 is surely registered with Ray Train
         deadline = time.time() + 300
-        while time.time() < deadline and not list((killed_out / "ray").glob("train-*/checkpoint_0000010")):
+        while time.time() < deadline and not list((killed_out / "ray").glob("train-*/checkpoint_0000020")):
             time.sleep(0.05)
         ours = [p for p in psutil.Process().children(recursive=True)  # this test's own cluster only
                 if any("RayTrainWorker" in part for part in p.cmdline())]
@@ -240,9 +241,11 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ra
     result = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, killed_out, seed=0)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
-    assert result["steps"] == clean["steps"] == 40
+    assert result["steps"] == clean["steps"] == 60
     time.sleep(2)  # worker output reaches the driver asynchronously
-    assert "train: resuming from step 10" in "".join(capfd.readouterr())  # restarted mid-run, from the checkpoint
+    import re
+
+    assert re.search(r"train: resuming from step (10|20|30)", "".join(capfd.readouterr()))  # from a checkpoint
     assert sha256_file(killed_out / "drafter" / "drafter.safetensors") == \
         sha256_file(tmp_path / "clean" / "drafter" / "drafter.safetensors")
     assert len(list((killed_out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
