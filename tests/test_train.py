@@ -249,3 +249,35 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ra
     assert sha256_file(killed_out / "drafter" / "drafter.safetensors") == \
         sha256_file(tmp_path / "clean" / "drafter" / "drafter.safetensors")
     assert len(list((killed_out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
+
+
+def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher_dir, tmp_path):
+    """With no restarts allowed (train.max_failures=0) a killed worker ends the stage with one line that says
+    from which checkpoint rerunning the same command resumes."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=0)
+    out = tmp_path / "out"
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "ray").glob("train-*/checkpoint_0000020")):
+            time.sleep(0.05)
+        for p in psutil.Process().children(recursive=True):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                os.kill(p.pid, signal.SIGKILL)
+                return
+
+    threading.Thread(target=kill_a_worker, daemon=True).start()
+    with pytest.raises(RuntimeError) as failure:
+        run_train(ModelConfig(base_model=str(tiny_model_dir)), DRAFTER, cfg, TrackingConfig(mode="disabled"),
+                  teacher_dir, out, seed=0)
+    line = str(failure.value)
+    assert "\n" not in line and line.startswith("training failed after 0 restart(s) of the worker group")
+    assert re.search(r"Rerunning the same command resumes from the checkpoint at step (20|30|40|50)$", line), line
