@@ -62,3 +62,17 @@ def code_version() -> str:
         return "draftforge " + version("draftforge")
     except PackageNotFoundError:
         return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as {"a.b.c": leaf}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose leaves differ between two nested dicts (sorted), `ignore` aside."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignore)

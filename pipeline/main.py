@@ -44,18 +44,14 @@ def run_dir_of(cfg: Config) -> Path:
 def dry_run(cfg: Config, run_dir: Path) -> int:
     """Check what can be checked without doing the work: model + tokenizer load, prompts load, and what
     each stage would do with the outputs already in the run directory. 2 when a stage would be refused."""
-    from data.prompts import load_prompts
-    from pipeline.base_model import load_tokenizer
     from pipeline.plan import plan_stages, refusals
 
-    preflight(cfg)  # the same checks as a real run (architecture, settings vs the model, contexts): raises
-    tokenizer = load_tokenizer(cfg.model)
+    # the same checks as a real run (architecture, settings vs the model, contexts): raises
+    tokenizer, train_prompts, eval_prompts = preflight(cfg)
     print(f"base model: {cfg.model.base_model} (tokenizer: {len(tokenizer)} tokens) - ok")
-    for split in ("train", "eval"):
-        source = getattr(cfg.data, split)
-        prompts = load_prompts(source, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-        n = min(len(prompts), cfg.eval.num_prompts) if split == "eval" and cfg.eval.num_prompts else len(prompts)
-        print(f"{split} prompts: {source.path} -> {n} prompts - ok")
+    for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
+        if prompts is not None:  # the eval prompts as drawn (eval.num_prompts)
+            print(f"{split} prompts: {getattr(cfg.data, split).path} -> {len(prompts)} prompts - ok")
     plans = plan_stages(cfg, run_dir)
     for plan in plans:
         print(plan.line())
@@ -156,12 +152,12 @@ def _saved(run_dir: Path) -> str:
             + "finished teacher shards and training checkpoints are kept (summary.json has each stage's status).")
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config) -> tuple:
     """Checks that must pass before Ray starts or anything is written: the base model resolves (a GGUF
     is converted here, once, before any actor needs it), its architecture is supported (pipeline/support.py),
     the settings fit it (teacher.top_k, the teacher's and the eval's contexts, workers vs shards), and the
-    eval prompts load and fit. The training prompts themselves are checked by the teacher stage before it
-    generates anything."""
+    eval prompts load and fit. Returns (tokenizer, training prompts or None, eval prompts or None) as loaded
+    here, for the dry run to report without loading them again."""
     from transformers import AutoConfig
 
     from data.prompts import load_prompt_set
@@ -177,6 +173,7 @@ def preflight(cfg: Config) -> None:
     if "teacher" in cfg.run.stages:  # their lengths decide the teacher's context and the shard count
         train_prompts, _ = load_prompt_set(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
     problems = settings_problems(cfg, config.get_text_config(), train_prompts)
+    prompts = None
     if "eval" in cfg.run.stages:
         from data.prompts import select_prompts
 
@@ -191,28 +188,24 @@ def preflight(cfg: Config) -> None:
                             f"max_position_embeddings={max_positions}: lower eval.max_new_tokens or the beam settings")
     if problems:
         raise ValueError("settings that cannot work with this base model:\n  " + "\n  ".join(problems))
+    return tokenizer, train_prompts, prompts
 
 
 def settings_problems(cfg: Config, text_config, train_prompts: list | None = None) -> list[str]:
     """Settings checked against the base model's config (and the training prompts, when the teacher stage
-    runs), before any work."""
+    runs), before any work: the teacher's own checks (pipeline/teacher.py) and workers vs shards."""
     import math
 
-    problems = []
-    vocab = text_config.vocab_size
-    if "teacher" in cfg.run.stages and not 0 < cfg.teacher.top_k < vocab:
-        problems.append(f"teacher.top_k={cfg.teacher.top_k} must be in [1, vocab_size={vocab})")
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    if train_prompts:
-        longest = max(len(p.input_ids) for p in train_prompts) + cfg.teacher.max_new_tokens
-        if max_positions and longest > max_positions:
-            problems.append(f"the longest training prompt + teacher.max_new_tokens = {longest} tokens exceeds the "
-                            f"base model's max_position_embeddings={max_positions}")
-        shards = math.ceil(len(train_prompts) / cfg.teacher.shard_size)  # at most this many
-        if "train" in cfg.run.stages and shards < cfg.train.num_workers:
-            problems.append(f"{len(train_prompts)} training prompts make at most {shards} teacher shard(s) of "
-                            f"teacher.shard_size={cfg.teacher.shard_size} for train.num_workers={cfg.train.num_workers}: "
-                            "every worker reads whole shards; lower teacher.shard_size or train.num_workers")
+    from pipeline import teacher
+
+    if not train_prompts:
+        return []
+    problems = teacher.settings_problems(cfg.teacher, text_config, train_prompts)
+    shards = math.ceil(len(train_prompts) / cfg.teacher.shard_size)  # at most this many
+    if "train" in cfg.run.stages and shards < cfg.train.num_workers:
+        problems.append(f"{len(train_prompts)} training prompts make at most {shards} teacher shard(s) of "
+                        f"teacher.shard_size={cfg.teacher.shard_size} for train.num_workers={cfg.train.num_workers}: "
+                        "every worker reads whole shards; lower teacher.shard_size or train.num_workers")
     return problems
 
 

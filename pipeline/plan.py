@@ -102,10 +102,10 @@ def _plan_train(cfg: Config, teacher_dir: Path, out_dir: Path) -> StagePlan:
     step = latest_checkpoint_step(out_dir, train_run_name(inputs))
     if step is not None:
         return StagePlan("train", RESUME, f"from the checkpoint at step {step}")
-    conflict = world_size_conflict(out_dir, inputs)
+    others = other_checkpoints(out_dir, inputs)
+    conflict = world_size_conflict(out_dir, inputs, others)
     if conflict:
         return StagePlan("train", REFUSED, conflict)
-    others = other_checkpoints(out_dir, inputs)
     note = "".join(f"; the checkpoint at step {o['step']} in ray/{o['run_name']} is not used (other "
                    f"{', '.join(o['changed'][:3]) or 'inputs'})" for o in others)
     return StagePlan("train", RUN, "from step 0" + note)

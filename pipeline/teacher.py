@@ -28,7 +28,7 @@ import torch
 from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
 from pipeline.gguf import gguf_source
 from pipeline.config import DataConfig, ModelConfig, TeacherConfig
-from pipeline.lineage import hash_json, sha256_file, tokenizer_hash
+from pipeline.lineage import changed_keys, flatten, hash_json, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
 
 SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
@@ -142,16 +142,8 @@ def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every leaf that differs (the summary hash aside); [] when the data matches."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(flat_old.keys() | flat_new.keys())
-            if flat_old.get(k) != flat_new.get(k) and k != "recipe_hash"]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    flat_old, flat_new = flatten(old), flatten(new)
+    return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed_keys(old, new, ("recipe_hash",))]
 
 
 def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate") -> tuple[list, dict]:
@@ -186,17 +178,21 @@ def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate
                   **({"no_reply_removed": no_reply} if responses == "corpus" else {}), "used": len(kept)}
 
 
-def _check_settings(teacher_cfg: TeacherConfig, config, prompts: list) -> None:
+def settings_problems(teacher_cfg: TeacherConfig, config, prompts: list) -> list[str]:
+    """Teacher settings that cannot work with this base model (text config) and these prompts. Checked by
+    the pipeline before Ray starts (pipeline/main.py preflight) and again here for direct callers."""
+    problems = []
     if not 0 < teacher_cfg.top_k < config.vocab_size:
-        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} must be in [1, vocab_size={config.vocab_size})")
+        problems.append(f"teacher.top_k={teacher_cfg.top_k} must be in [1, vocab_size={config.vocab_size})")
     longest = max(len(p.input_ids) for p in prompts) + teacher_cfg.max_new_tokens
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions and longest > max_positions:
-        raise ValueError(f"longest prompt + teacher.max_new_tokens = {longest} tokens exceeds the base model's "
-                         f"max_position_embeddings={max_positions}")
+        problems.append(f"the longest training prompt + teacher.max_new_tokens = {longest} tokens exceeds the base "
+                        f"model's max_position_embeddings={max_positions}")
     if getattr(config, "final_logit_softcapping", None):
-        raise ValueError("base models with final_logit_softcapping are not supported: the teacher computes "
-                         "log-probs from lm_head(hidden) directly")
+        problems.append("base models with final_logit_softcapping are not supported: the teacher computes "
+                        "log-probs from lm_head(hidden) directly")
+    return problems
 
 
 def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: Path,
@@ -212,7 +208,9 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
                                         trust_remote_code=model_cfg.trust_remote_code).get_text_config()
     check_vocab(tokenizer, config.vocab_size, model_cfg.base_model)
     prompts, accounting = training_prompts(data_cfg, tokenizer, teacher_cfg.responses)
-    _check_settings(teacher_cfg, config, prompts)
+    problems = settings_problems(teacher_cfg, config, prompts)
+    if problems:
+        raise ValueError("; ".join(problems))
     fingerprint = data_fingerprint(model_cfg, data_cfg, teacher_cfg, tokenizer, prompts, seed)
     claim_out_dir(out_dir, fingerprint)
 

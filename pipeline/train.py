@@ -198,7 +198,7 @@ def latest_checkpoint_step(out_dir: Path, run_name: str) -> int | None:
 def other_checkpoints(out_dir: Path, inputs: dict) -> list[dict]:
     """Ray Train runs under out_dir/ray made from other inputs than `inputs`, newest checkpoint each:
     {run_name, step, changed: [dotted input keys that differ], num_workers}. Their checkpoints are not used."""
-    from pipeline.teacher import _flatten
+    from pipeline.lineage import changed_keys
 
     found = []
     mine = train_run_name(inputs)
@@ -208,18 +208,17 @@ def other_checkpoints(out_dir: Path, inputs: dict) -> list[dict]:
             continue
         meta_path = run / f"checkpoint_{step:07d}" / "meta.json"
         theirs = json.loads(meta_path.read_text()).get("inputs", {}) if meta_path.is_file() else {}
-        a, b = _flatten(theirs), _flatten(inputs)
-        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "train.max_steps")
+        changed = changed_keys(theirs, inputs, ("train.max_steps",))
         found.append({"run_name": run.name, "step": step, "changed": changed,
                       "num_workers": theirs.get("train", {}).get("num_workers")})
     return found
 
 
-def world_size_conflict(out_dir: Path, inputs: dict) -> str | None:
-    """A clear refusal when the only difference from existing checkpoints is train.num_workers: each worker
-    reads its own shards, so another world size reads the data in another order and cannot continue them
-    exactly. Never a silent restart from step 0."""
-    for other in other_checkpoints(out_dir, inputs):
+def world_size_conflict(out_dir: Path, inputs: dict, others: list[dict]) -> str | None:
+    """A clear refusal when the only difference from existing checkpoints (`others`, from other_checkpoints)
+    is train.num_workers: each worker reads its own shards, so another world size reads the data in another
+    order and cannot continue them exactly. Never a silent restart from step 0."""
+    for other in others:
         if other["changed"] == ["train.num_workers"]:
             path = Path(out_dir) / "ray" / other["run_name"]
             return (f"{path} holds a checkpoint at step {other['step']} of this same training with "
@@ -275,10 +274,11 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
     if all((drafter_dir / f).is_file() for f in DRAFTER_FILES) and json.loads(done.read_text())["inputs"] == inputs:
         print(f"train: reusing the trained drafter in {drafter_dir} (same teacher data and config)")
         return {**json.loads(done.read_text()), "drafter_dir": str(drafter_dir)}
-    conflict = world_size_conflict(out_dir, inputs)
+    others = other_checkpoints(out_dir, inputs)
+    conflict = world_size_conflict(out_dir, inputs, others)
     if conflict:
         raise ValueError(conflict)
-    for other in other_checkpoints(out_dir, inputs):
+    for other in others:
         print(f"train: not using the checkpoint at step {other['step']} in ray/{other['run_name']}: it was made "
               f"from other inputs ({', '.join(other['changed'][:5]) or 'unknown'})", flush=True)
     data = TeacherData(teacher_dir, manifest, train_cfg.batch_size, train_cfg.heldout_fraction, seed, 0,
