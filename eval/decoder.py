@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from eval.beam import REFERENCE_TOP_LOGITS, draft
 from eval.metrics import DecodeStats
 from eval.tree import Tree, pack_tree
+from pipeline.support import attention_windows, output_logits
 
 
 @dataclass
@@ -80,22 +82,51 @@ def seek(cache: StaticCache, slot: int) -> None:
 
 
 def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at: int, max_cache_len: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, position_ids_BQ: torch.Tensor | None = None,
+                   window: int | None = None) -> torch.Tensor:
     """(B, 1, Q, max_cache_len) ADDITIVE float mask: 0 where allowed, dtype-min elsewhere.
 
     Row b's queries see its committed slots < ctx_b and, inside [write_at, write_at + Q), their
-    tree ancestors. A boolean 4D mask is silently wrong under eager attention (docs/design.md §6)."""
+    tree ancestors. A boolean 4D mask is silently wrong under eager attention (docs/design.md §6).
+    With a sliding `window`, a query at position p also needs the key's position k > p - window
+    (transformers' sliding-window rule): committed slot m holds position m, packed slot write_at + j
+    holds position_ids_BQ[:, j]."""
     B, Q, _ = tree_mask_BQQ.shape
     assert int(ctx_B.max()) <= write_at and write_at + Q <= max_cache_len
     slot_M = torch.arange(max_cache_len, device=ctx_B.device)
     allowed_BQM = (slot_M < ctx_B[:, None])[:, None, :].repeat(1, Q, 1)
     allowed_BQM[:, :, write_at:write_at + Q] = tree_mask_BQQ
+    if window is not None:
+        key_pos_BM = slot_M.repeat(B, 1)
+        key_pos_BM[:, write_at:write_at + Q] = position_ids_BQ
+        allowed_BQM &= key_pos_BM[:, None, :] > position_ids_BQ[:, :, None] - window
     bias = torch.zeros(B, 1, Q, max_cache_len, dtype=dtype, device=ctx_B.device)
     return bias.masked_fill_(~allowed_BQM[:, None], torch.finfo(dtype).min)
 
 
+def layer_windows(model) -> tuple[int | None, ...]:
+    """Per decoder layer: None (full attention) or its sliding window (pipeline/support.py); read once
+    per model."""
+    windows = model.__dict__.get("_draftforge_windows")
+    if windows is None:
+        windows = model.__dict__["_draftforge_windows"] = attention_windows(model.config)
+    return windows
+
+
+def attention_masks(model, ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, position_ids_BQ: torch.Tensor,
+                    write_at: int, max_cache_len: int):
+    """What the base forward takes as `attention_mask`: one additive mask when every layer attends the
+    same way, else {layer type: mask} (transformers' hybrid models accept that mapping as is)."""
+    kinds = sorted(set(layer_windows(model)), key=lambda w: w is not None)  # None (full) first
+    masks = {w: attention_bias(ctx_B, tree_mask_BQQ, write_at, max_cache_len, model.dtype, position_ids_BQ, w)
+             for w in kinds}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {"sliding_attention" if w is not None else "full_attention": m for w, m in masks.items()}
+
+
 def base_forward(model, cache: StaticCache, tokens_BQ: torch.Tensor, position_ids_BQ: torch.Tensor,
-                 bias_B1QM: torch.Tensor, write_at: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 bias_B1QM, write_at: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_BQD post-norm, logits_BQV) through the public API, K/V written at [write_at, +Q)."""
     seek(cache, write_at)
     Q = tokens_BQ.shape[1]
@@ -106,7 +137,7 @@ def base_forward(model, cache: StaticCache, tokens_BQ: torch.Tensor, position_id
         cache_position=torch.arange(write_at, write_at + Q, device=tokens_BQ.device),
     )
     hidden_BQD = out.last_hidden_state
-    return hidden_BQD, model.lm_head(hidden_BQD)
+    return hidden_BQD, output_logits(model, hidden_BQD)
 
 
 def compile_base(model, mode: str):
@@ -147,9 +178,14 @@ def without_cuda_graphs(model):
 def new_cache(model, batch_size: int, max_cache_len: int) -> StaticCache:
     """A StaticCache with its K/V buffers allocated now, outside any compiled region. Left lazy, the
     first (prefill) forward would allocate them inside torch.compile's graph, unmarked as static
-    addresses: CUDA graphs are then skipped, and on CUDA inductor fails to lower the slot index."""
+    addresses: CUDA graphs are then skipped, and on CUDA inductor fails to lower the slot index.
+
+    Every layer gets a full-length StaticLayer, sliding ones too: slot == position for committed
+    tokens, which the masks (`attention_masks`) and `commit_kv` rely on. transformers would give a
+    sliding layer a window-long ring buffer; its window is applied by the mask instead."""
     cfg = model.config.get_text_config(decoder=True)
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) for _ in cache.layers]
     heads = cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cache.early_initialization(batch_size, heads, head_dim, model.dtype, model.device)
@@ -194,8 +230,8 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     causal_BTT = (pos_T[None, :, None] >= pos_T[None, None, :]) & (pos_T[None, None, :] < len_B[:, None, None])
     causal_BTT |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries see themselves only
     cache = new_cache(model, B, max_cache_len)
-    bias = attention_bias(torch.zeros_like(len_B), causal_BTT, 0, max_cache_len, model.dtype)
-    hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), bias, 0)
+    masks = attention_masks(model, torch.zeros_like(len_B), causal_BTT, pos_T.expand(B, T), 0, max_cache_len)
+    hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), masks, 0)
     last_B = len_B - 1
     rows = torch.arange(B, device=device)
     out_BN = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
@@ -207,9 +243,10 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
 def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ONE base forward over every row's packed tree; returns (hidden_BPD, logits_BPV, write_at)."""
     write_at = int(state.ctx_B.max())
-    bias = attention_bias(state.ctx_B, tree.tree_mask_BPP, write_at, state.cache.get_max_length(), model.dtype)
     position_ids_BP = state.ctx_B[:, None] + tree.depth_BP  # context length + depth
-    hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, bias, write_at)
+    masks = attention_masks(model, state.ctx_B, tree.tree_mask_BPP, position_ids_BP, write_at,
+                            state.cache.get_max_length())
+    hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, masks, write_at)
     return hidden_BPD, logits_BPV, write_at
 
 

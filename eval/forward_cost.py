@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from eval.decoder import attention_bias, base_forward, new_cache
+from eval.decoder import attention_masks, base_forward, new_cache
 from pipeline.base_model import load_base_model
 from pipeline.config import ModelConfig
 
@@ -52,14 +52,16 @@ def main(argv=None) -> dict:
     vocab = model.config.vocab_size
     prefix = torch.randint(0, vocab, (1, ctx), generator=gen)
     causal = torch.ones(ctx, ctx, dtype=torch.bool).tril()[None]
-    base_forward(model, cache, prefix, torch.arange(ctx)[None],
-                 attention_bias(torch.zeros(1, dtype=torch.long), causal, 0, cache_len, model.dtype), 0)
+    positions = torch.arange(ctx)[None]
+    base_forward(model, cache, prefix, positions,
+                 attention_masks(model, torch.zeros(1, dtype=torch.long), causal, positions, 0, cache_len), 0)
 
     def inputs(q: int):
         tokens = torch.randint(0, vocab, (1, q), generator=gen)
-        bias = attention_bias(torch.tensor([ctx]), torch.ones(1, q, q, dtype=torch.bool).tril(), ctx, cache_len,
-                              model.dtype)
-        return tokens, ctx + torch.arange(q)[None], bias
+        positions = ctx + torch.arange(q)[None]
+        bias = attention_masks(model, torch.tensor([ctx]), torch.ones(1, q, q, dtype=torch.bool).tril(), positions, ctx,
+                               cache_len)
+        return tokens, positions, bias
 
     def forward(q: int):  # writes at [ctx, ctx + q): the committed context is never overwritten
         tokens, positions, bias = inputs(q)

@@ -16,8 +16,7 @@ from collections import defaultdict
 import torch
 
 from eval.beam import draft
-from eval.decoder import (DecodeState, SpeculativeDecoder, accept, attention_bias, base_forward, commit,
-                          prefill, verify)
+from eval.decoder import DecodeState, SpeculativeDecoder, accept, attention_masks, base_forward, commit, prefill, verify
 from eval.metrics import DecodeStats
 from eval.tree import pack_tree
 
@@ -44,8 +43,9 @@ def _profiled_step(dec: SpeculativeDecoder, state: DecodeState, stats: DecodeSta
     clock.lap("drafter")
     tree = pack_tree(beams.tokens_BWL, dedup=dec.tree_attention)
     write_at = int(state.ctx_B.max())
-    bias = attention_bias(state.ctx_B, tree.tree_mask_BPP, write_at, state.cache.get_max_length(), dec.model.dtype)
     position_ids_BP = state.ctx_B[:, None] + tree.depth_BP
+    bias = attention_masks(dec.model, state.ctx_B, tree.tree_mask_BPP, position_ids_BP, write_at,
+                           state.cache.get_max_length())
     clock.lap("packing")
     hidden_BPD, logits_BPV = base_forward(dec.model, state.cache, tree.tokens_BP, position_ids_BP, bias, write_at)
     clock.lap("base_forward")

@@ -83,8 +83,21 @@ class DrafterConfig:
     rnn: bool = True
     horizon: int = 5  # beam length trained, including g0 (TensorRT-LLM draft_len = horizon - 1)
     # 0 = predict the full base vocabulary (the reference format); N > 0 = the N most frequent tokens of
-    # the teacher responses (a draft vocabulary: a much cheaper output layer; see docs/design.md)
-    draft_vocab_size: int = 0
+    # the teacher responses (a draft vocabulary: a much cheaper output layer; see docs/design.md §7);
+    # -1 = auto: AUTO_DRAFT_VOCAB tokens when the base vocabulary exceeds LARGE_VOCAB (Llama 3, Qwen,
+    # Gemma, gpt-oss: a full-vocabulary head would cost more than a small base model), else full
+    draft_vocab_size: int = -1
+
+
+LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
+
+
+def resolve_drafter(cfg: DrafterConfig, vocab_size: int) -> DrafterConfig:
+    """`cfg` with draft_vocab_size=-1 (auto) made concrete for a base vocabulary of `vocab_size`. Everything
+    that hashes, plans or builds a drafter uses the resolved value, so auto and its value are the same run."""
+    if cfg.draft_vocab_size != -1:
+        return cfg
+    return dataclasses.replace(cfg, draft_vocab_size=AUTO_DRAFT_VOCAB if vocab_size > LARGE_VOCAB else 0)
 
 
 @dataclass
@@ -268,8 +281,9 @@ def _value_problems(cfg: Config) -> list[str]:
         "train.log_every": cfg.train.log_every, "train.checkpoint_every": cfg.train.checkpoint_every,
     }
     p += [f"bad value for '{k}': {v!r}; must be > 0" for k, v in positive.items() if v <= 0]
-    if cfg.drafter.draft_vocab_size < 0:
-        p.append(f"bad value for 'drafter.draft_vocab_size': {cfg.drafter.draft_vocab_size}; must be >= 0 (0 = full)")
+    if cfg.drafter.draft_vocab_size < -1:
+        p.append(f"bad value for 'drafter.draft_vocab_size': {cfg.drafter.draft_vocab_size}; must be >= 0 (0 = full) "
+                 "or -1 (auto)")
     if 0 < cfg.drafter.draft_vocab_size <= cfg.eval.beam_width:
         p.append(f"'drafter.draft_vocab_size'={cfg.drafter.draft_vocab_size} must exceed eval.beam_width="
                  f"{cfg.eval.beam_width}")

@@ -71,9 +71,24 @@ def init_ray(cfg: Config) -> None:
     else:
         # The dashboard (on by default when ray[default] is installed) also serves the State API;
         # without it Ray Train's PlacementGroupCleaner warns every second that it cannot poll.
-        # address="local": always this run's own cluster, never one a `ray start` left on this machine
-        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+        # address="local": always this run's own cluster, never one a `ray start` left on this machine.
+        # Ray's State API in our workers (Ray Train's PlacementGroupCleaner polls it) finds its cluster by
+        # scanning the machine, and with a second run's cluster there it fails ("Found multiple active Ray
+        # instances"): pin the dashboard to a port chosen here and point the workers' State API at it.
+        port = free_port()
+        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True, include_dashboard=True,
+                 dashboard_port=port,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it); Ray binds it a moment later."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, resolve_drafter
 
 RUN, RESUME, REUSE, REFUSED = "run", "resume", "reuse", "refused"
 
@@ -91,10 +91,11 @@ def _plan_train(cfg: Config, teacher_dir: Path, out_dir: Path) -> StagePlan:
 
     try:
         manifest = load_manifest(teacher_dir)
-        _check_base_model(cfg.model, cfg.drafter, manifest)
+        drafter_cfg = resolve_drafter(cfg.drafter, manifest["vocab_size"])
+        _check_base_model(cfg.model, drafter_cfg, manifest)
     except ValueError as e:
         return StagePlan("train", REFUSED, str(e))
-    inputs = train_inputs(manifest, cfg.drafter, cfg.train, cfg.run.seed)
+    inputs = train_inputs(manifest, drafter_cfg, cfg.train, cfg.run.seed)
     drafter = out_dir / "drafter"
     if all((drafter / f).is_file() for f in DRAFTER_FILES):
         if json.loads((drafter / "train_metrics.json").read_text()).get("inputs") == inputs:

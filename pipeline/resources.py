@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.config import resolve_drafter
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
 GB = 1e9
 
@@ -89,9 +91,10 @@ def drafter_parameters(H: int, D: int, N: int, out_rows: int, rnn: bool) -> int:
 
 def resource_plan(cfg, config) -> Plan:
     text = config.get_text_config()
-    r, t, tr, d, ev = cfg.resources, cfg.teacher, cfg.train, cfg.drafter, cfg.eval
+    r, t, tr, ev = cfg.resources, cfg.teacher, cfg.train, cfg.eval
     b = BYTES[cfg.model.dtype]
     H, V, layers = text.hidden_size, text.vocab_size, text.num_hidden_layers
+    d = resolve_drafter(cfg.drafter, V)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or H // heads

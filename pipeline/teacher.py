@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
-from pipeline.gguf import gguf_source
 from pipeline.config import DataConfig, ModelConfig, TeacherConfig
+from pipeline.gguf import gguf_source
 from pipeline.lineage import changed_keys, flatten, hash_json, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
+from pipeline.support import output_logits
 
 SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
 EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size")  # may change between resumes
@@ -189,9 +190,6 @@ def settings_problems(teacher_cfg: TeacherConfig, config, prompts: list) -> list
     if max_positions and longest > max_positions:
         problems.append(f"the longest training prompt + teacher.max_new_tokens = {longest} tokens exceeds the base "
                         f"model's max_position_embeddings={max_positions}")
-    if getattr(config, "final_logit_softcapping", None):
-        problems.append("base models with final_logit_softcapping are not supported: the teacher computes "
-                        "log-probs from lm_head(hidden) directly")
     return problems
 
 
@@ -393,11 +391,11 @@ def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], resp
         attention_mask[b, :len(s)] = 1
     hidden_BTH = model.get_decoder()(input_ids=input_ids.to(model.device),
                                      attention_mask=attention_mask.to(model.device)).last_hidden_state
-    lm_head = model.get_output_embeddings()
+    head_device = model.get_output_embeddings().weight.device
     records = []
     for b, (pid, prompt, seq) in enumerate(zip(prompt_ids, prompts, seqs)):
-        hidden_NH = hidden_BTH[b, len(prompt) - 1:len(seq)].to(lm_head.weight.device)
-        logits_NV = lm_head(hidden_NH).float()
+        hidden_NH = hidden_BTH[b, len(prompt) - 1:len(seq)].to(head_device)
+        logits_NV = output_logits(model, hidden_NH).float()  # soft-capped where the model caps (Gemma 2)
         log_z_N = logits_NV.logsumexp(-1)
         top_logits_NK, top_ids_NK = logits_NV.topk(cfg.top_k, dim=-1)  # sorted, best first
         # log of the mass outside the top-k, without the cancellation of log(1 - sum(top-k probs))

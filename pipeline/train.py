@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig
+from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
 from pipeline.drafter import build_drafter, make_arch
 from pipeline.lineage import hash_json
 from pipeline.loss import add_stats, distill_loss, make_batch, position_metrics, position_weights
@@ -263,6 +263,7 @@ def run_train(model_cfg: ModelConfig, drafter_cfg: DrafterConfig, train_cfg: Tra
 
     teacher_dir, out_dir = Path(teacher_dir).resolve(), Path(out_dir).resolve()
     manifest = load_manifest(teacher_dir)
+    drafter_cfg = resolve_drafter(drafter_cfg, manifest["vocab_size"])
     _check_base_model(model_cfg, drafter_cfg, manifest)
     inputs = train_inputs(manifest, drafter_cfg, train_cfg, seed)
     drafter_dir = out_dir / "drafter"

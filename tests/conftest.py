@@ -22,11 +22,13 @@ TOKENIZER_TEXTS = [
 
 
 def build_tiny_model(out_dir: Path, vocab_size: int = 300, hidden_size: int = 32, num_layers: int = 2,
-                     seed: int = 0) -> Path:
-    """Train a ByteLevel BPE tokenizer on TOKENIZER_TEXTS, build a random LlamaForCausalLM over its
-    vocabulary and save both into `out_dir` (fp32 weights)."""
+                     seed: int = 0, config_class: str = "LlamaConfig", **config_extra) -> Path:
+    """Train a ByteLevel BPE tokenizer on TOKENIZER_TEXTS, build a random model over its vocabulary
+    (LlamaForCausalLM, or the causal LM of `config_class` with `config_extra`: tests/test_families.py)
+    and save both into `out_dir` (fp32 weights)."""
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,14 +39,16 @@ def build_tiny_model(out_dir: Path, vocab_size: int = 300, hidden_size: int = 32
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=EOS,
                                         model_max_length=512)
     eos_id = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-        initializer_range=0.1,  # wider than the default so greedy argmaxes are not near-ties
-    )
+    config = getattr(transformers, config_class)(**{
+        "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+        "initializer_range": 0.1,  # wider than the default so greedy argmaxes are not near-ties
+        **config_extra,
+    })
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

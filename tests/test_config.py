@@ -71,3 +71,23 @@ def test_print_config_runs_nothing(capsys, tmp_path):
     beam_width = load_config(["recipe=tiny"]).eval.beam_width
     assert f"beam_width: {beam_width}" in out and not any(tmp_path.iterdir())
     assert to_yaml(load_config(["recipe=tiny", f"run.output_dir={tmp_path}"])) in out
+
+
+def test_draft_vocabulary_is_auto_by_default_and_resolves_by_vocabulary_size():
+    """-1 (auto): a 32k draft vocabulary above 64k base tokens (Llama 3, Qwen, Gemma), the full vocabulary
+    below; explicit values are kept. The train stage hashes the resolved value, so `auto` and its value
+    are the same run (a run made with an explicit 0 on a small model is still reused)."""
+    from pipeline.config import DrafterConfig, resolve_drafter
+    from pipeline.train import train_inputs
+
+    auto = DrafterConfig()
+    assert auto.draft_vocab_size == -1
+    assert resolve_drafter(auto, 49_152).draft_vocab_size == 0
+    assert resolve_drafter(auto, 128_256).draft_vocab_size == 32_768
+    assert resolve_drafter(DrafterConfig(draft_vocab_size=8192), 262_144).draft_vocab_size == 8192
+    assert resolve_drafter(DrafterConfig(draft_vocab_size=0), 262_144).draft_vocab_size == 0
+    cfg = load_config(["recipe=tiny"])
+    manifest = {"vocab_size": 300, "hidden_size": 32}
+    assert train_inputs(manifest, resolve_drafter(auto, 300), cfg.train, 0) == \
+        train_inputs(manifest, DrafterConfig(draft_vocab_size=0), cfg.train, 0)
+    assert main(["recipe=tiny", "drafter.draft_vocab_size=-2"]) == 2

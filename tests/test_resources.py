@@ -46,7 +46,7 @@ def hand_parameters(d) -> int:
 def test_plan_matches_hand_calculation(size, published, tmp_path):
     d = LLAMA[size]
     model_dir = write_config(tmp_path / size, d)
-    cfg = load_config([f"recipe=llama{size}", f"model.base_model={model_dir}"])
+    cfg = load_config([f"recipe=llama{size}", f"model.base_model={model_dir}", "drafter.draft_vocab_size=0"])
     n = resource_plan(cfg, load_model_config(cfg.model)).numbers
     H, V, L, kv = d["hidden_size"], d["vocab_size"], d["num_hidden_layers"], d["num_key_value_heads"]
     hd = H // d["num_attention_heads"]
@@ -82,15 +82,16 @@ def test_plan_matches_hand_calculation(size, published, tmp_path):
 
 def test_plan_command_prints_without_weights_and_flags_what_does_not_fit(tmp_path, capsys):
     model_dir = write_config(tmp_path / "70b", LLAMA["70b"])
-    assert pm.main(["recipe=llama70b", f"model.base_model={model_dir}", "--plan"]) == 0
+    assert pm.main(["recipe=llama70b", f"model.base_model={model_dir}", "drafter.draft_vocab_size=0",
+                    "--plan"]) == 0
     out = capsys.readouterr().out
     assert "base parameters       70.554 B = 141.1 GB at bfloat16" in out
     assert "-> 3 GPU(s) of 80 GB with 20% headroom; recipe: 4 per replica (fits)" in out
     assert "WARNING" in out and "draft vocabulary" in out  # a 128k-row head at micro-batch 8 does not fit
     assert "assumptions" in out and "teacher_tokens_per_s" in out
+    # the default (auto) gives a 128k-vocabulary model a 32k draft vocabulary
     model_dir = write_config(tmp_path / "8b-dv", LLAMA["8b"])
-    assert pm.main(["recipe=llama8b", f"model.base_model={model_dir}", "drafter.draft_vocab_size=32768",
-                    "train.batch_size=2", "--plan"]) == 0
+    assert pm.main(["recipe=llama8b", f"model.base_model={model_dir}", "train.batch_size=2", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "output rows 32768 = draft vocabulary" in out and "WARNING" not in out
 

@@ -7,7 +7,16 @@ a tested family without unsupported features, or refused with the feature named.
 from __future__ import annotations
 
 import pytest
-from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    Llama4TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    OlmoConfig,
+    Qwen2Config,
+    Qwen3NextConfig,
+)
 
 from pipeline.support import check_support, unsupported_features
 
@@ -17,24 +26,26 @@ def test_llama_is_supported():
     assert unsupported_features(LlamaConfig()) == []
 
 
-def test_sliding_window_is_refused_by_name():
-    with pytest.raises(ValueError, match="'mistral' uses sliding-window attention \\(sliding_window=4096"):
-        check_support(MistralConfig(sliding_window=4096), allow_untested=True)
+def test_sliding_windows_and_soft_capping_are_supported():
+    """Decoded, taught and trained per family in tests/test_families.py."""
+    for config in (MistralConfig(sliding_window=4096), Gemma2Config(), Qwen2Config(use_sliding_window=True)):
+        assert unsupported_features(config) == []
+        check_support(config)
 
 
-def test_soft_capping_and_hybrid_attention_are_refused():
-    config = Gemma2Config()
-    features = unsupported_features(config)
-    assert any(f.startswith("sliding-window attention") for f in features)
-    assert "final_logit_softcapping=30.0" in features and "attn_logit_softcapping=50.0" in features
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        check_support(config, allow_untested=True)
+def test_features_the_decoder_does_not_implement_are_refused_by_name():
+    with pytest.raises(ValueError, match="'llama4_text' uses layer types \\['chunked_attention'\\]"):
+        check_support(Llama4TextConfig(), allow_untested=True)
+    with pytest.raises(ValueError, match="'qwen3_next' uses layer types \\['linear_attention'\\]"):
+        check_support(Qwen3NextConfig(), allow_untested=True)
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        check_support(Gemma3TextConfig(use_bidirectional_attention=True), allow_untested=True)
 
 
 def test_untested_family_needs_an_explicit_opt_in():
-    config = Qwen2Config(use_sliding_window=False)
-    assert unsupported_features(config) == []  # Qwen2 configs carry sliding_window but do not use it
-    with pytest.raises(ValueError, match="'qwen2' is not covered.*model.allow_untested=true"):
+    config = OlmoConfig()
+    assert unsupported_features(config) == []
+    with pytest.raises(ValueError, match="'olmo' is not covered.*model.allow_untested=true"):
         check_support(config)
     check_support(config, allow_untested=True)
 
@@ -42,9 +53,9 @@ def test_untested_family_needs_an_explicit_opt_in():
 def test_pipeline_refuses_before_any_work(tmp_path, capsys):
     import pipeline.main as pm
 
-    model_dir = tmp_path / "mistral"
-    MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=16).save_pretrained(model_dir)
+    model_dir = tmp_path / "gemma3"
+    Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, use_bidirectional_attention=True).save_pretrained(model_dir)
     assert pm.main(["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={tmp_path}"]) == 2
-    assert "sliding-window attention" in capsys.readouterr().err
+    assert "use_bidirectional_attention=True" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
