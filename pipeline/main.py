@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -123,8 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         log = run_dir / "error.log"
-        if run_dir.is_dir():
-            log.write_text(traceback.format_exc())
+        try:
+            if run_dir.is_dir():
+                write_text_whole(log, traceback.format_exc())
+        except OSError:
+            pass  # a full disk: the console line below still says what happened
+        if disk_full(e):
+            print(f"error: no space left on the disk of {run_dir} ({free_bytes(run_dir) / 1e6:.1f} MB free). "
+                  f"{_saved(run_dir)} Nothing partial is kept or used later: free space (or point run.output_dir "
+                  "at a larger disk, moving the run directory along) and rerun the same command to resume.",
+                  file=sys.stderr)
+            return 1
         print(f"error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_saved(run_dir)} "
               + (f"Full traceback: {log}. " if log.is_file() else "")
               + "Rerun the same command to resume.", file=sys.stderr)
@@ -133,6 +143,37 @@ def main(argv: list[str] | None = None) -> int:
         _restore_sigterm(previous)
     print_summary(summary)
     return 0
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` or an exception it was raised from is a full disk (or quota), also when a Ray task or
+    worker raised it (Ray wraps those, keeping the original's text)."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: the file is whole or as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _stop_on_sigterm():
@@ -265,8 +306,6 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
     refused = refusals(plans)
     if refused:
         if created:
-            import shutil
-
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
     for plan in plans:
@@ -284,7 +323,10 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
     summary: dict = {"run_dir": str(run_dir), "stage_seconds": times, "stages": status}
 
     def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        try:
+            write_text_whole(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        except OSError as e:  # a full disk must not hide the error that stopped the run
+            print(f"warning: could not write {run_dir / 'summary.json'}: {e}", file=sys.stderr)
 
     current = None
     try:

@@ -65,7 +65,11 @@ def write_shard(seqs: list[TeacherSequence], path: str | Path, hidden_dtype: str
     }, schema=SCHEMA)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
+    try:
+        pq.write_table(table, tmp)
+    except BaseException:  # e.g. a full disk: no partial file stays behind (a killed writer's is swept at start)
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

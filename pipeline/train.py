@@ -189,9 +189,18 @@ def train_run_name(inputs: dict) -> str:
 
 
 def latest_checkpoint_step(out_dir: Path, run_name: str) -> int | None:
-    """The step of the newest checkpoint of `run_name` under out_dir, None without one."""
-    steps = [int(p.name.split("_")[-1]) for p in (Path(out_dir) / "ray" / run_name).glob("checkpoint_*")
-             if p.name.split("_")[-1].isdigit()]
+    """The step of the newest checkpoint of `run_name` under out_dir that Ray Train registered, None without
+    one. Ray Train lists a checkpoint in checkpoint_manager_snapshot.json only once it is whole in storage;
+    a folder it was still copying when the disk filled up or the process died is not counted (Ray Train
+    does not restore it either)."""
+    run_dir = Path(out_dir) / "ray" / run_name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        registered = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        registered = set()
+    steps = [int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*")
+             if p.name.split("_")[-1].isdigit() and p.name in registered]
     return max(steps, default=None)
 
 

@@ -87,6 +87,14 @@ def test_damaged_or_unfinished_teacher_data_will_resume(teacher_run, tiny_model_
     assert plan["train"].action == RUN
 
 
+def register(checkpoint) -> None:
+    """Add `checkpoint` to its run's checkpoint_manager_snapshot.json, as Ray Train does once it is whole."""
+    snapshot = checkpoint.parent / "checkpoint_manager_snapshot.json"
+    state = json.loads(snapshot.read_text()) if snapshot.is_file() else {"checkpoint_results": []}
+    state["checkpoint_results"].append({"checkpoint_dir_name": checkpoint.name, "metrics": {}})
+    snapshot.write_text(json.dumps(state))
+
+
 def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, tmp_path):
     from pipeline.teacher import load_manifest
     from pipeline.train import DRAFTER_FILES, train_inputs, train_run_name
@@ -98,6 +106,7 @@ def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, 
     inputs = train_inputs(load_manifest(copy / "r" / "teacher"), cfg.drafter, cfg.train, cfg.run.seed)
     old = train_dir / "ray" / "train-0123456789ab" / "checkpoint_0000007"
     old.mkdir(parents=True)
+    register(old)
     (old / "meta.json").write_text(json.dumps({"step": 7, "inputs": {**inputs, "train": {**inputs["train"], "lr": 9.0}}}))
     plan = _plan(tiny_model_dir, copy)
     assert plan["train"].action == RUN and plan["train"].detail == \
@@ -112,7 +121,14 @@ def test_train_reuse_resume_and_unused_checkpoints(teacher_run, tiny_model_dir, 
 
     with pytest.raises(ValueError, match="Rerun with train.num_workers=1 to resume from step 7"):
         run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, copy / "r" / "teacher", train_dir)
-    (train_dir / "ray" / train_run_name(inputs) / "checkpoint_0000020").mkdir(parents=True)
+    mine = train_dir / "ray" / train_run_name(inputs)
+    (mine / "checkpoint_0000020").mkdir(parents=True)
+    register(mine / "checkpoint_0000020")
+    plan = _plan(tiny_model_dir, copy)
+    assert plan["train"].action == RESUME and "step 20" in plan["train"].detail
+    # a later folder Ray Train never registered (its copy was cut short by a full disk or a kill) is not
+    # resumed from: neither the plan nor Ray Train itself trusts it
+    (mine / "checkpoint_0000040").mkdir()
     plan = _plan(tiny_model_dir, copy)
     assert plan["train"].action == RESUME and "step 20" in plan["train"].detail
     drafter = train_dir / "drafter"
