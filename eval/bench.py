@@ -108,14 +108,13 @@ def main(argv=None) -> dict:
                     "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
 
     print(f"[1/4] sweep W in {args.widths} x L in {args.lengths}")
-    sweep_methods = {"plain": plain}
-    for W in args.widths:
-        for L in args.lengths:
-            sweep_methods[f"W{W}L{L}"] = _spec(model, drafter, W, L, n, eos)
+    settings = {f"W{W}L{L}": (W, L) for W in args.widths for L in args.lengths}  # label -> (W, L)
+    sweep_methods = {"plain": plain} | {k: _spec(model, drafter, W, L, n, eos) for k, (W, L) in settings.items()}
     sweep = compare(sweep_methods, prompts, 1, args.repeats, explain=explain)
-    best = max((k for k in sweep if k != "plain"), key=lambda k: sweep[k]["speedup"])
-    W, L = int(best[1:best.index("L")]), int(best[best.index("L") + 1:])
-    report["sweep"] = {k: _slim(v) for k, v in sweep.items()}
+    best = max(settings, key=lambda k: sweep[k]["speedup"])
+    W, L = settings[best]
+    report["sweep"] = {k: _slim(v) | (dict(zip(("beam_width", "beam_length"), settings[k])) if k in settings else {})
+                       for k, v in sweep.items()}
     report["best_setting"] = {"beam_width": W, "beam_length": L, "speedup": sweep[best]["speedup"],
                               "tokens_per_step": sweep[best]["tokens_per_step"]}
 
@@ -138,6 +137,12 @@ def main(argv=None) -> dict:
 
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_bench(report, args.widths, args.lengths, out / "bench.png")
+    from pipeline.tracking import open_run
+
+    tracker = open_run(cfg.tracking, args.run_dir, name=f"{cfg.run.name}-bench", job_type="bench", group=cfg.run.name,
+                       config={"bench": {k: str(v) for k, v in vars(args).items()}})
+    log_bench_tables(tracker, report, out / "bench.png")
+    tracker.finish()
     record_path = args.run_dir / "eval" / "eval_record.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -179,6 +184,37 @@ def print_report(report: dict) -> None:
               f"{b['free_drafter']:.2f}x with a free drafter, {b['base_forward_only']:.2f}x with only the base forward")
         print(f"  drafter MACs per draft / base MACs per token: {c['drafter_macs_per_draft'] / 1e6:.2f}M / "
               f"{c['base_macs_per_token'] / 1e6:.2f}M = {c['ratio']:.2f} (x {c['drafts_per_step']} drafts per step)")
+
+
+def log_bench_tables(tracker, report: dict, plot: Path) -> None:
+    """The sweep, the baselines and the batch sizes as W&B tables (one row per setting), and the plot as an
+    image, in the run's W&B group (job type "bench"); nothing for a NullRun (tracking.mode=disabled)."""
+    from pipeline.tracking import NullRun
+
+    if isinstance(tracker, NullRun):
+        return
+    import wandb
+
+    columns = ["setting", "beam_width", "beam_length", "batch_size", "tau", "tokens_per_s", "speedup", "speedup_ci95",
+               "lossless"]
+
+    best = report["best_setting"]
+
+    def table(rows: dict, batch_sizes: bool = False):
+        t = wandb.Table(columns=columns)
+        for key, m in rows.items():
+            W, L = (best["beam_width"], best["beam_length"]) if batch_sizes else (m.get("beam_width"), m.get("beam_length"))
+            t.add_data(str(key), W, L, int(key) if batch_sizes else 1, m["tokens_per_step"], m["tokens_per_s"],
+                       m["speedup"], m["speedup_ci95"], str(m["lossless"]))
+        return t
+
+    logged = {"bench/sweep": table(report["sweep"]), "bench/methods": table(report["methods"]),
+              "bench/batch_sizes": table(report["batches"], batch_sizes=True)}
+    if plot.is_file():
+        logged["bench/plot"] = wandb.Image(str(plot))
+    tracker.log(logged)
+    tracker.summary.update({"bench/best_speedup": best["speedup"], "bench/best_beam_width": best["beam_width"],
+                            "bench/best_beam_length": best["beam_length"]})
 
 
 def plot_bench(report: dict, widths: list[int], lengths: list[int], path: Path) -> None:

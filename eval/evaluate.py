@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from data.prompts import load_prompts, select_prompts
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.compare import ci_text, compare
+from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter, DrafterArch
@@ -194,7 +194,9 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
     t0 = time.time()
     explain = functools.partial(first_divergence, model) if eval_cfg.temperature == 0 else None
+    load = MachineLoad()
     results = compare(methods, prompts, eval_cfg.batch_size, eval_cfg.repeats, explain=explain)
+    machine_load = load.stop()
     if eval_cfg.temperature > 0:  # token equality says nothing when sampling; see _lossless()
         for m in results.values():
             m["lossless"] = "n/a (sampling)"
@@ -216,7 +218,8 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "verified_fraction_of_WL": ours["verified_fraction_of_WL"],
         "spec_tokens_per_s": ours["tokens_per_s"], "plain_tokens_per_s": results["plain"]["tokens_per_s"],
         "speedup": ours["speedup"], "speedup_ci95": ours["speedup_ci95"],
-        "speedup_per_repeat": ours["speedup_per_repeat"],
+        "speedup_ci95_repeats": ours.get("speedup_ci95_repeats"), "speedup_per_repeat": ours["speedup_per_repeat"],
+        "machine_load": machine_load,
         "decode_stats": ours["decode_stats"],
         "methods": {k: {kk: vv for kk, vv in v.items() if kk != "decode_stats"} for k, v in results.items()},
         "seconds": time.time() - t0,
@@ -228,6 +231,49 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(record_path)
     return record
+
+
+class MachineLoad:
+    """How much CPU other processes used while the eval timed its methods: busy CPU time of the whole
+    machine (/proc/stat) minus this process's own (and its children's), over wall time x CPUs. A timing
+    taken while something else ran is not comparable; the record keeps this, and the console warns
+    above WARN_OTHER_CPU. None where /proc/stat is unreadable (not Linux)."""
+
+    WARN_OTHER_CPU = 0.10
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        import os
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for k in ("ru_utime", "ru_stime"))
+        return time.time(), busy, own
+
+    def stop(self) -> dict | None:
+        import os
+        import warnings
+
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        cpus = os.cpu_count() or 1
+        wall = end[0] - self.start[0]
+        other = max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2])) / (wall * cpus)
+        if other > self.WARN_OTHER_CPU:
+            warnings.warn(f"other processes used {100 * other:.0f}% of this machine's {cpus} CPUs while the eval was "
+                          "timing: its speedups are not comparable with a quiet machine's; rerun with nothing else "
+                          "running")
+        return {"other_cpu_fraction": round(other, 4), "cpus": cpus, "seconds": round(wall, 1)}
 
 
 def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int | None, record: dict) -> dict:
@@ -248,22 +294,39 @@ def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int 
 
 
 def plot_record(record: dict, path: Path) -> None:
+    """eval.png: acceptance per draft position (integer positions), speedup per method with its 95%
+    interval, and speedup per prompt category for every method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.8))
     acc = [a if a is not None else 0.0 for a in record["acceptance_per_position"]]  # None: never reached
-    ax1.bar(range(1, len(acc) + 1), acc, color="tab:blue")
-    ax1.set(xlabel="draft position i", ylabel="acceptance rate a_i", ylim=(0, 1),
+    positions = list(range(1, len(acc) + 1))
+    ax1.bar(positions, acc, color="tab:blue")
+    ax1.set(xlabel="draft position i", ylabel="acceptance rate a_i", ylim=(0, 1), xticks=positions,
             title=f"tau = {record['tokens_per_step']:.2f} tokens/step")
-    hist = record["decode_stats"].get("tokens_per_step_histogram", {})
-    if hist:
-        ks = sorted(int(k) for k in hist)
-        ax2.bar(ks, [hist[str(k)] if str(k) in hist else hist[k] for k in ks], color="tab:green")
-    ax2.set(xlabel="tokens committed per step", ylabel="steps",
-            title=f"speedup {record['speedup']:.2f}x {ci_text(record['speedup_ci95'])} vs plain greedy")
+    methods = {k: v for k, v in record["methods"].items() if k != "plain"}
+    names = list(methods)
+    ax2.bar(names, [m["speedup"] for m in methods.values()],
+            yerr=[m["speedup_ci95"] or 0.0 for m in methods.values()], capsize=4,
+            color=["tab:blue" if n == "redrafter" else "tab:gray" for n in names])
+    ax2.axhline(1.0, color="black", linewidth=0.8)
+    ax2.set(ylabel="speedup vs plain greedy (95% CI)",
+            title=f"ReDrafter {record['speedup']:.2f}x {ci_text(record['speedup_ci95'])}")
+    ax2.tick_params(axis="x", labelrotation=20)
+    categories = sorted({c for m in methods.values() for c in m.get("by_category", {})})
+    if categories:
+        x, width = np.arange(len(categories)), 0.8 / len(methods)
+        for i, (name, m) in enumerate(methods.items()):
+            ax3.bar(x + i * width, [m.get("by_category", {}).get(c, {}).get("speedup", 0.0) for c in categories],
+                    width, label=name)
+        ax3.set_xticks(x + width * (len(methods) - 1) / 2, categories, rotation=30, ha="right")
+        ax3.axhline(1.0, color="black", linewidth=0.8)
+        ax3.legend(fontsize=7)
+    ax3.set(ylabel="speedup vs plain greedy", title="per category")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -73,7 +73,8 @@ class TeacherConfig:
     responses: str = "generate"
     top_k: int = 32  # teacher log-probs kept per token
     shard_size: int = 64  # prompts per shard (the unit of resume)
-    hidden_dtype: str = "float16"  # storage dtype of hidden states
+    # storage of hidden states: float16, bfloat16, float32, float8_e4m3 (layouts: pipeline/shards.py)
+    hidden_dtype: str = "float16"
 
 
 @dataclass
@@ -242,7 +243,7 @@ def _dataclass_of(ftype: Any) -> type | None:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.chat_template": ("auto", "always", "never"),
-    "teacher.hidden_dtype": ("float16", "bfloat16", "float32"),
+    "teacher.hidden_dtype": ("float16", "bfloat16", "float32", "float8_e4m3"),
     "teacher.responses": ("generate", "corpus"),
     "train.precision": ("fp32", "bf16"),
     "train.objective": ("kl", "ce"),
@@ -367,6 +368,9 @@ def parse_overrides(overrides: list[str]) -> tuple[str, dict, list[str]]:
 def load_config(overrides: list[str] | None = None, recipes_dir: Path = RECIPES_DIR) -> Config:
     """Merge base -> recipe -> overrides onto the typed schema; raise ConfigError listing every problem."""
     recipe, cli, problems = parse_overrides(list(overrides or []))
+    if any(c in recipe for c in "/\\") or recipe.startswith(".") or recipe.endswith(".yaml"):
+        raise ConfigError([f"recipe={recipe!r}: a recipe is a name in recipes/ (e.g. recipe=tiny), not a path; "
+                           "put a new recipe in recipes/ or override keys on the command line"] + problems)
     recipe_path = recipes_dir / f"{recipe}.yaml"
     if not recipe_path.is_file():
         valid = sorted(p.stem for p in recipes_dir.glob("*.yaml") if p.stem != "base")

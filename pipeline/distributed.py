@@ -64,13 +64,32 @@ def init_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int,
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as tensors and plain numbers only, so that loading them back
+    needs no unpickling of arbitrary objects (`torch.load(..., weights_only=True)`)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
+
+
+def load_rng_file(path: Path) -> dict:
+    """An RNG file of a checkpoint, loaded without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle's errors vary; the message says what to do
+        raise ValueError(f"{path} cannot be loaded as plain tensors (weights_only=True): it was written by an older "
+                         f"draftforge or is not ours ({e.__class__.__name__}). Delete that checkpoint folder to start "
+                         "the training over, or finish it with the draftforge version that wrote it.") from e
 
 
 def save_checkpoint(engine, ckpt_dir: Path, client_state: dict, meta: dict | None = None) -> None:
@@ -92,7 +111,7 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict:
         raise ValueError(f"{ckpt_dir} holds no DeepSpeed checkpoint (tag {CKPT_TAG!r})")
     rng_file = ckpt_dir / f"rng_rank{engine.global_rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_rng_file(rng_file))
     return client_state
 
 

@@ -217,14 +217,22 @@ def preflight(cfg: Config) -> tuple:
     from transformers import AutoConfig
 
     from data.prompts import load_prompt_set
-    from pipeline.base_model import load_tokenizer, resolve_model_path
+    from pipeline.base_model import check_vocab, load_tokenizer, resolve_model_path
     from pipeline.support import check_support
+    from pipeline.tracking import online_credentials_problem
 
+    problem = online_credentials_problem(cfg.tracking)
+    if problem:
+        raise ValueError(problem)
+    if cfg.model.trust_remote_code:
+        print(f"WARNING: model.trust_remote_code=true: Python code shipped with {cfg.model.base_model!r} will run "
+              "in this process and in every teacher actor and training worker", file=sys.stderr, flush=True)
     path = resolve_model_path(cfg.model)
     config = AutoConfig.from_pretrained(path, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
     check_support(config, cfg.model.allow_untested)
     tokenizer = load_tokenizer(cfg.model)
+    check_vocab(tokenizer, config.get_text_config().vocab_size, cfg.model.base_model)
     train_prompts = None
     if "teacher" in cfg.run.stages:  # their lengths decide the teacher's context and the shard count
         train_prompts, _ = load_prompt_set(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)

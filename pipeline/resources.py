@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.config import resolve_drafter
+from pipeline.shards import hidden_bytes_per_position
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
 GB = 1e9
@@ -105,7 +106,7 @@ def resource_plan(cfg, config) -> Plan:
     usable = r.gpu_memory_gb * GB * (1 - r.memory_headroom)
     gpus_needed = math.ceil((weights + kv_batch) / usable)
     tokens = cfg.data.train.limit * t.max_new_tokens if cfg.data.train.limit else 0
-    hidden_bytes = H * (2 if t.hidden_dtype == "float16" else 4)
+    hidden_bytes = hidden_bytes_per_position(H, t.hidden_dtype)
     per_token = hidden_bytes + 4 + 8 * t.top_k + 4
     D = d.exit_dim or 2 * H
     out_rows = d.draft_vocab_size or V

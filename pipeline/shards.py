@@ -10,6 +10,13 @@ Row layout (n = number of stored positions; position j is absolute position prom
     tail_logprob   binary   [n]        float32, log of the probability mass outside the top-k
 Binary columns are raw little-endian arrays; H, k and the hidden dtype are in the manifest.
 Files are written to a temporary name and renamed, so a shard either exists whole or not at all.
+
+Hidden-state storage (`teacher.hidden_dtype`), bytes per position:
+    float32       4H
+    float16       2H
+    bfloat16      2H    the upper half of each float32, rounded to nearest even (shards written before
+                        this format held 4H bytes of float32; both are read, told apart by their size)
+    float8_e4m3   H + 4 a float32 scale per position (max |h| / 448), then H e4m3 bytes of h / scale
 """
 
 from __future__ import annotations
@@ -23,7 +30,49 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
-NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}  # bf16 stored as f32
+HIDDEN_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3")
+E4M3_MAX = 448.0
+
+
+def hidden_bytes_per_position(hidden_size: int, hidden_dtype: str) -> int:
+    return {"float32": 4 * hidden_size, "float16": 2 * hidden_size, "bfloat16": 2 * hidden_size,
+            "float8_e4m3": hidden_size + 4}[hidden_dtype]
+
+
+def encode_hidden(hidden: np.ndarray, hidden_dtype: str) -> bytes:
+    """[n, H] float hidden states -> the stored bytes (layouts in the module docstring)."""
+    import torch
+
+    h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+    if hidden_dtype == "float32":
+        return h.numpy().tobytes()
+    if hidden_dtype == "float16":
+        return h.half().numpy().tobytes()
+    if hidden_dtype == "bfloat16":
+        return h.bfloat16().view(torch.int16).numpy().tobytes()
+    if hidden_dtype == "float8_e4m3":
+        scale = (h.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        q = (h / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        return scale.numpy().tobytes() + q.numpy().tobytes()
+    raise ValueError(f"unknown hidden dtype {hidden_dtype!r}; one of {', '.join(HIDDEN_DTYPES)}")
+
+
+def decode_hidden(data: bytes, n: int, hidden_size: int, hidden_dtype: str) -> np.ndarray:
+    """The stored bytes -> [n, H] hidden states (float16 stays float16; the others come back as float32)."""
+    import torch
+
+    if hidden_dtype == "float16":
+        return np.frombuffer(data, dtype=np.float16).reshape(n, hidden_size)
+    if hidden_dtype == "float32" or (hidden_dtype == "bfloat16" and len(data) == 4 * n * hidden_size):
+        return np.frombuffer(data, dtype=np.float32).reshape(n, hidden_size)  # (older bf16 shards: float32)
+    if hidden_dtype == "bfloat16":
+        raw = torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16)
+        return raw.float().numpy().reshape(n, hidden_size)
+    if hidden_dtype == "float8_e4m3":
+        scale = np.frombuffer(data[:4 * n], dtype=np.float32).reshape(n, 1)
+        q = torch.from_numpy(np.frombuffer(data[4 * n:], dtype=np.uint8).copy()).view(torch.float8_e4m3fn)
+        return q.float().numpy().reshape(n, hidden_size) * scale
+    raise ValueError(f"unknown hidden dtype {hidden_dtype!r}; one of {', '.join(HIDDEN_DTYPES)}")
 
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -53,12 +102,11 @@ class TeacherSequence:
 
 
 def write_shard(seqs: list[TeacherSequence], path: str | Path, hidden_dtype: str = "float16") -> None:
-    np_dtype = NP_DTYPES[hidden_dtype]
     table = pa.table({
         "prompt_id": [s.prompt_id for s in seqs],
         "prompt_len": np.array([s.prompt_len for s in seqs], dtype=np.int32),
         "tokens": [s.tokens.astype(np.int32) for s in seqs],
-        "hidden": [np.ascontiguousarray(s.hidden, dtype=np_dtype).tobytes() for s in seqs],
+        "hidden": [encode_hidden(s.hidden, hidden_dtype) for s in seqs],
         "topk_ids": [np.ascontiguousarray(s.topk_ids, dtype=np.int32).tobytes() for s in seqs],
         "topk_logprobs": [np.ascontiguousarray(s.topk_logprobs, dtype=np.float32).tobytes() for s in seqs],
         "tail_logprob": [np.ascontiguousarray(s.tail_logprob, dtype=np.float32).tobytes() for s in seqs],
@@ -81,7 +129,7 @@ def decode_row(row: dict, hidden_size: int, top_k: int, hidden_dtype: str = "flo
         prompt_id=str(row["prompt_id"]),
         prompt_len=int(row["prompt_len"]),
         tokens=tokens,
-        hidden=np.frombuffer(row["hidden"], dtype=NP_DTYPES[hidden_dtype]).reshape(n, hidden_size),
+        hidden=decode_hidden(row["hidden"], n, hidden_size, hidden_dtype),
         topk_ids=np.frombuffer(row["topk_ids"], dtype=np.int32).reshape(n, top_k),
         topk_logprobs=np.frombuffer(row["topk_logprobs"], dtype=np.float32).reshape(n, top_k),
         tail_logprob=np.frombuffer(row["tail_logprob"], dtype=np.float32).reshape(n),
@@ -89,5 +137,26 @@ def decode_row(row: dict, hidden_size: int, top_k: int, hidden_dtype: str = "flo
 
 
 def read_shard(path: str | Path, hidden_size: int, top_k: int, hidden_dtype: str = "float16") -> list[TeacherSequence]:
+    """The shard's sequences; a NaN or infinite hidden state or log-prob (a base model that overflowed in
+    its dtype, or a damaged writer) is refused by name rather than trained on."""
     table = pq.read_table(path, schema=SCHEMA)
-    return [decode_row(r, hidden_size, top_k, hidden_dtype) for r in table.to_pylist()]
+    seqs = [decode_row(r, hidden_size, top_k, hidden_dtype) for r in table.to_pylist()]
+    for i, s in enumerate(seqs):
+        problem = non_finite(s)
+        if problem:
+            raise ValueError(f"{path}: row {i} (prompt {s.prompt_id!r}) has {problem}; regenerate the teacher "
+                             "data (delete the shard and rerun: only it is regenerated) with model.dtype=float32 or "
+                             "bfloat16")
+    return seqs
+
+
+def non_finite(seq: TeacherSequence) -> str | None:
+    """What is not finite in a teacher record (None when all is well). The tail log-prob may be -inf
+    (no mass outside the top-k); nothing else may."""
+    if not np.isfinite(seq.hidden).all():
+        return "non-finite hidden states"
+    if not np.isfinite(seq.topk_logprobs).all():
+        return "non-finite top-k log-probs"
+    if np.isnan(seq.tail_logprob).any() or np.isposinf(seq.tail_logprob).any():
+        return "a NaN or +inf tail log-prob"
+    return None

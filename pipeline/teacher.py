@@ -29,7 +29,7 @@ from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_m
 from pipeline.config import DataConfig, ModelConfig, TeacherConfig
 from pipeline.gguf import gguf_source
 from pipeline.lineage import changed_keys, flatten, hash_json, sha256_file, tokenizer_hash
-from pipeline.shards import SCHEMA_VERSION, TeacherSequence, write_shard
+from pipeline.shards import SCHEMA_VERSION, TeacherSequence, non_finite, write_shard
 from pipeline.support import output_logits
 
 SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
@@ -278,11 +278,18 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
             _append_journal(out_dir, entry)
             finished[entry["name"]] = entry
             bar.update(1)
-    except Exception as e:  # noqa: BLE001 - re-raised with how to resume
-        raise RuntimeError(f"teacher stage failed after {len(finished)} of {len(pending)} pending shards; finished "
-                           f"shards are journaled in {out_dir / JOURNAL} and a rerun resumes from them") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the cause's own last line and how to resume
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise RuntimeError(f"teacher stage failed after {len(finished)} of {len(pending)} pending shards "
+                           f"({lines[-1] if lines else e.__class__.__name__}); finished shards are journaled in "
+                           f"{out_dir / JOURNAL} and a rerun resumes from them") from e
     finally:
         bar.close()
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"teacher: {len(finished)} shard(s) generated; driver peak RSS {peak_mb:.0f} MB "
+          "(results stream shard by shard: the driver holds no teacher data)", flush=True)
     return finished
 
 
@@ -403,8 +410,13 @@ def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], resp
         hidden = hidden_NH.float().cpu().numpy()
         if cfg.hidden_dtype == "float16" and np.abs(hidden).max() > np.finfo(np.float16).max:
             raise ValueError("hidden states overflow float16; set teacher.hidden_dtype to bfloat16 or float32")
-        records.append(TeacherSequence(
+        record = TeacherSequence(
             prompt_id=pid, prompt_len=len(prompt), tokens=np.asarray(seq[len(prompt) - 1:], dtype=np.int32),
             hidden=hidden, topk_ids=top_ids_NK.int().cpu().numpy(),
-            topk_logprobs=(top_logits_NK - log_z_N[:, None]).cpu().numpy(), tail_logprob=tail_N.cpu().numpy()))
+            topk_logprobs=(top_logits_NK - log_z_N[:, None]).cpu().numpy(), tail_logprob=tail_N.cpu().numpy())
+        problem = non_finite(record)
+        if problem:  # never written: a shard is whole and usable, or absent
+            raise ValueError(f"the base model produced {problem} for prompt {pid!r} (model.dtype={model.dtype}): "
+                             "an overflow in this dtype? run the teacher with model.dtype=float32 or bfloat16")
+        records.append(record)
     return records

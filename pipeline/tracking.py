@@ -40,6 +40,28 @@ class NullRun:
         pass
 
 
+def online_credentials_problem(cfg: TrackingConfig) -> str | None:
+    """tracking.mode=online needs W&B credentials: WANDB_API_KEY, or a `wandb login` entry in ~/.netrc
+    (or $NETRC) for the W&B host. Without them wandb.init would fail (or wait for a login) only when the
+    first stage has finished, so the pipeline checks before any work and refuses (it does not fall back to
+    offline silently: a user who asked for live runs should know they are not getting them)."""
+    if cfg.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return None
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+            return None
+    except (netrc.NetrcParseError, OSError):
+        pass
+    return (f"tracking.mode=online but no W&B credentials were found (no WANDB_API_KEY, no {host} entry in {path}): "
+            "run `wandb login` or export WANDB_API_KEY, or set tracking.mode=offline to record the runs locally and "
+            "upload them later with `wandb sync`")
+
+
 def _quiet_env(mode: str) -> None:
     """No login prompt, no banner, and in offline mode nothing that could reach the network."""
     os.environ["WANDB_MODE"] = mode

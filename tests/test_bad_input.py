@@ -27,7 +27,7 @@ def test_drafter_of_another_base_model_is_refused_before_eval(tiny_model_dir, tm
 
 def test_eval_prompts_checked_before_any_work(tiny_model_dir, tmp_path):
     """An eval prompt longer than data.max_prompt_tokens stops the run before Ray starts or anything is written."""
-    from pipeline.main import run_pipeline, run_dir_of
+    from pipeline.main import run_dir_of, run_pipeline
 
     cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}",
                        "data.max_prompt_tokens=8", "data.train.limit=2"])
@@ -84,3 +84,70 @@ def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, t
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys):
+    """A model directory whose config.json has fewer vocabulary rows than its tokenizer has tokens."""
+    import shutil
+
+    from pipeline.main import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    assert main(["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={tmp_path}", "run.name=r"]) == 2
+    assert "tokenizer and model do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_wandb_online_without_credentials_is_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """It fails before any work rather than falling back to offline: a user who asked for live runs learns
+    at once that they will not get them (and how to), instead of after the teacher stage."""
+    from pipeline.main import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    argv = ["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.name=r",
+            "tracking.mode=online"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no W&B credentials" in err and "wandb login" in err and "tracking.mode=offline" in err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password planted-key-0123\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import online_credentials_problem
+
+    assert online_credentials_problem(TrackingConfig(mode="online")) is None
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", "planted-key-0123")
+    assert online_credentials_problem(TrackingConfig(mode="online")) is None
+
+
+def test_non_finite_teacher_records_are_never_written_or_trained_on(tiny_model_dir, tmp_path):
+    """A base model that produces NaN (an overflow in its dtype) stops the teacher before the shard is
+    written; a shard that holds NaN/inf anyway is refused by name when read for training."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import TeacherConfig
+    from pipeline.shards import TeacherSequence, read_shard, write_shard
+    from pipeline.teacher import teacher_records
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="the base model produced non-finite hidden states for prompt 'p'"):
+        teacher_records(model, ["p"], [[5, 6, 7]], [[8, 9]], TeacherConfig(top_k=4))
+    good = TeacherSequence(prompt_id="q", prompt_len=1, tokens=np.arange(3, dtype=np.int32),
+                           hidden=np.zeros((3, 4), np.float32), topk_ids=np.zeros((3, 2), np.int32),
+                           topk_logprobs=np.full((3, 2), -1.0, np.float32),
+                           tail_logprob=np.full(3, -np.inf, np.float32))
+    write_shard([good], tmp_path / "ok.parquet")
+    assert len(read_shard(tmp_path / "ok.parquet", 4, 2)) == 1  # a -inf tail (all mass in the top-k) is fine
+    bad = TeacherSequence(**{**good.__dict__, "hidden": np.full((3, 4), np.nan, np.float32)})
+    write_shard([good, bad], tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet: row 1 \(prompt 'q'\) has non-finite hidden states"):
+        read_shard(tmp_path / "bad.parquet", 4, 2)

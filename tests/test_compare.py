@@ -60,3 +60,28 @@ def test_one_repeat_reports_no_interval(capsys):
     print_summary({"record": record, "decision": {"promoted": False, "reason": "x"}, "export_dir": "e", "run_dir": "r"})
     out = capsys.readouterr().out
     assert "1.10x ±n/a" in out and "±0.00" not in out
+
+
+def test_paired_bootstrap_interval():
+    """Prompt-to-prompt variation cancels in the pairing: prompts of very different lengths, each exactly
+    2x faster under the method, give 2.0 with a zero-width interval; timing noise widens it, more
+    prompts narrow it; one repeat gives no interval."""
+    import random
+
+    from eval.compare import paired_bootstrap_ci95
+
+    rng = random.Random(0)
+    lengths = [rng.uniform(0.5, 20.0) for _ in range(30)]  # seconds per prompt under the baseline
+    tokens = [64] * 30
+    ref = [lengths, lengths]
+    exact = [[t / 2 for t in lengths]] * 2
+    assert paired_bootstrap_ci95(tokens, exact, tokens, ref, [list(range(30))]) < 1e-12
+
+    def noisy(n, sd):
+        return [[t / 2 * (1 + rng.gauss(0, sd)) for t in lengths[:n]] for _ in range(3)]
+
+    few, many = [list(range(10))], [list(range(30))]
+    wide = paired_bootstrap_ci95(tokens[:10], noisy(10, 0.2), tokens[:10], [lengths[:10]] * 3, few)
+    narrow = paired_bootstrap_ci95(tokens, noisy(30, 0.02), tokens, [lengths] * 3, many)
+    assert 0 < narrow < wide
+    assert paired_bootstrap_ci95(tokens, exact[:1], tokens, ref[:1], many) is None

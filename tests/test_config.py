@@ -91,3 +91,9 @@ def test_draft_vocabulary_is_auto_by_default_and_resolves_by_vocabulary_size():
     assert train_inputs(manifest, resolve_drafter(auto, 300), cfg.train, 0) == \
         train_inputs(manifest, DrafterConfig(draft_vocab_size=0), cfg.train, 0)
     assert main(["recipe=tiny", "drafter.draft_vocab_size=-2"]) == 2
+
+
+@pytest.mark.parametrize("recipe", ["../recipes/tiny", "/etc/passwd", "tiny.yaml", "sub/tiny"])
+def test_a_recipe_is_a_name_not_a_path(recipe):
+    with pytest.raises(ConfigError, match="a recipe is a name in recipes/"):
+        load_config([f"recipe={recipe}"])

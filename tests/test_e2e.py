@@ -1,6 +1,9 @@
-"""End to end: a real `ray start --head`, then `launch/submit.sh` (`ray job submit`) runs
+"""End to end: a real two-node Ray cluster on this machine (`ray start --head` plus `ray start
+--address=...`, one CPU each), then `launch/submit.sh` (`ray job submit`) runs
 `python -m pipeline.main recipe=tiny`, scaled down by overrides, through real Ray Data, Ray Train,
-DeepSpeed and W&B (offline). A second submission of the same command must reuse every stage.
+DeepSpeed and W&B (offline). Ray's state API must show teacher actors and training workers on both
+nodes (one CPU per node forces the spread); the run directory is on storage both nodes see. A second
+submission of the same command must reuse every stage.
 
     python -m pytest tests/test_e2e.py -q
 """
@@ -37,19 +40,44 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A real single-node Ray cluster started with `ray start --head`, stopped afterwards."""
+    """A real two-node Ray cluster on this machine: a head and a second node joined with
+    `ray start --address`, one CPU each; stopped afterwards."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    dash = _free_port()
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
+    dash, gcs = _free_port(), _free_port()
     try:
+        start = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert start.returncode == 0, start.stdout + start.stderr
+        join = subprocess.run(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert join.returncode == 0, join.stdout + join.stderr
         yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+STATE = """
+import json, os
+from ray.util.state import list_actors, list_nodes
+address = os.environ["RAY_ADDRESS"]
+nodes = [n.node_id for n in list_nodes(address=address, filters=[("state", "=", "ALIVE")])]
+actors = [{"class_name": a.class_name, "node_id": a.node_id} for a in list_actors(address=address, limit=10000)]
+print(json.dumps({"nodes": nodes, "actors": actors}))
+"""
+
+
+def _placement(env: dict) -> dict:
+    """{"nodes": alive node ids, "actors": [{class_name, node_id}]} from Ray's state API (finished actors too)."""
+    if os.path.isfile(os.path.expanduser("~/.ray/auth_token")):
+        env = {**env, "RAY_AUTH_MODE": "token"}
+    done = subprocess.run([sys.executable, "-c", STATE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _submit(env: dict, out: Path) -> str:
@@ -68,6 +96,13 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     log = _submit(ray_cluster, tmp_path)
     run = tmp_path / "e2e"
     assert "=== draftforge summary ===" in log
+
+    # both nodes worked: the teacher actors and the training workers ran on each of them
+    placement = _placement(ray_cluster)
+    assert len(placement["nodes"]) == 2, placement["nodes"]
+    for kind in ("TeacherWorker", "RayTrainWorker"):
+        used = {a["node_id"] for a in placement["actors"] if kind in a["class_name"]}
+        assert used == set(placement["nodes"]), (kind, used, placement)
 
     # teacher: shards + manifest whose checksums hold
     manifest = json.loads((run / "teacher" / "manifest.json").read_text())

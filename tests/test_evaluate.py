@@ -44,6 +44,8 @@ def test_greedy_record(setup):
     assert set(rec["methods"]["redrafter"]["by_category"]) == {"a", "b"}
     assert 1.0 <= rec["tokens_per_step"] <= 3 and rec["speedup"] > 0
     assert (setup[2] / "greedy" / "eval.png").is_file()
+    assert set(rec["machine_load"]) == {"other_cpu_fraction", "cpus", "seconds"}
+    assert rec["speedup_ci95"] is None and rec["speedup_ci95_repeats"] is None  # one repeat: no interval
     prof = rec["step_profile"]  # ideal = tau x plain step / verify forward, timed in the same run
     assert rec["ideal_speedup"] == pytest.approx(rec["tokens_per_step"] * prof["plain_step_ms"]
                                                  / prof["ms_per_step"]["base_forward"])
@@ -110,6 +112,17 @@ def test_bench_end_to_end(setup, tmp_path):
     assert (run / "bench" / "bench.json").is_file() and (run / "bench" / "bench.png").is_file()
     best = json.loads((run / "eval" / "eval_record.json").read_text())["best_setting"]
     assert f"W{best['beam_width']}L{best['beam_length']}" in report["sweep"] and best["dtype"] == "torch.float32"
+    assert report["sweep"]["W2L3"]["beam_width"] == 2 and report["sweep"]["W2L3"]["beam_length"] == 3
+    # the sweep, baselines and batch sizes as W&B tables (+ the plot) in the run's group, job type bench
+    from pipeline.tracking import read_offline_run
+
+    (wandb_run,) = [read_offline_run(p.parent) for p in (run / "wandb").rglob("run-*.wandb")]
+    assert wandb_run["job_type"] == "bench" and wandb_run["group"] == cfg.run.name
+    logged = {k: v for row in wandb_run["history"] for k, v in row.items()}
+    assert logged["bench/sweep/_type"] == "table-file" and logged["bench/sweep/nrows"] == 5
+    assert logged["bench/methods/nrows"] == 6 and logged["bench/batch_sizes/nrows"] == 2
+    assert logged["bench/plot/_type"] == "image-file"
+    assert wandb_run["summary"]["bench/best_beam_width"] == best["beam_width"]
 
 
 def test_drafters_comparison_in_one_run(setup, tmp_path):
@@ -155,3 +168,21 @@ def test_drafters_comparison_in_one_run(setup, tmp_path):
     (runs[1] / "teacher" / "manifest.json").write_text(json.dumps({"base_model_hash": "other"}))
     with pytest.raises(SystemExit, match="different base models"):
         compare_drafters([str(r) for r in runs])
+
+
+def test_machine_load_sees_other_processes():
+    """A process burning one CPU beside the eval is seen as other processes' load, with a warning."""
+    import subprocess
+    import sys
+    import time
+
+    from eval.evaluate import MachineLoad
+
+    load = MachineLoad()
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    time.sleep(2.0)
+    with pytest.warns(UserWarning, match="other processes used"):
+        seen = load.stop()
+    burner.kill()
+    burner.wait()
+    assert seen["other_cpu_fraction"] >= 0.5 / seen["cpus"], seen  # about one CPU of `cpus`

@@ -23,10 +23,36 @@ def test_ci_runs_exactly_the_readme_setup_and_test_commands():
 
 
 def test_launch_scripts_parse_and_their_python_targets_exist():
-    for script in (REPO / "launch").glob("*.sh"):
+    scripts = [*(REPO / "launch").glob("*.sh"), *(REPO / "launch").glob("*.sbatch")]
+    assert {p.name for p in scripts} >= {"submit.sh", "slurm.sbatch"}
+    for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
-        for module in re.findall(r"python -m ([\w.]+)", script.read_text()):
-            assert importlib.util.find_spec(module) is not None, f"{script.name} calls missing {module}"
+        _targets_exist(script.name, script.read_text())
+    slurm = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=" in slurm and "ray start --head" in slurm and "ray start --address" in slurm
+
+
+def test_kuberay_rayjob_is_a_valid_rayjob_running_the_pipeline():
+    import yaml
+
+    job = yaml.safe_load((REPO / "launch" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    _targets_exist("rayjob.yaml", spec["entrypoint"])
+    recipe = re.search(r"recipe=(\w+)", spec["entrypoint"]).group(1)
+    assert (REPO / "recipes" / f"{recipe}.yaml").is_file()
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]] + spec["rayClusterSpec"]["workerGroupSpecs"]
+    for pod in pods:  # every pod sees the run directory
+        (container,) = pod["template"]["spec"]["containers"]
+        assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
+    assert "/mnt/shared" in spec["entrypoint"]
+
+
+def _targets_exist(name: str, text: str) -> None:
+    modules = re.findall(r"python -m ([\w.]+)", text)
+    assert modules, f"{name} runs no python -m target"
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, f"{name} calls missing {module}"
 
 
 def test_tiny_base_model_is_committed_and_small():

@@ -62,7 +62,7 @@ def test_plan_matches_hand_calculation(size, published, tmp_path):
     assert n["teacher_gpus_needed"] == math.ceil((2 * P + kv_batch) / (80e9 * 0.8))
     assert n["teacher_gpus_needed"] == {"8b": 1, "70b": 3}[size]  # 70B: 141.1 + 32.2 GB over 64 GB usable
     assert n["teacher_tokens"] == cfg.data.train.limit * t.max_new_tokens
-    per_token = H * 4 + 4 + 64 * 4 + 64 * 4 + 4  # bf16 hidden stored as float32, top-64 ids + log-probs
+    per_token = H * 2 + 4 + 64 * 4 + 64 * 4 + 4  # bf16 hidden (2 bytes), top-64 ids + log-probs, token, tail
     assert n["teacher_bytes_per_token"] == per_token and n["teacher_bytes"] == per_token * n["teacher_tokens"]
 
     D = 2 * H  # exit_dim 0 = the reference's 2H

@@ -177,3 +177,31 @@ def test_cut_response():
 def test_generate_mode_keeps_the_fingerprint_of_data_made_before_the_switch(teacher_dir):
     fingerprint = json.loads((teacher_dir / "fingerprint.json").read_text())
     assert "responses" not in fingerprint["recipe"]["teacher"]
+
+
+def test_recoded_fp8_data_is_what_an_fp8_teacher_would_reuse(teacher_dir, cfgs, tmp_path):
+    """pipeline.recode writes a complete teacher directory in fp8: its fingerprint is the one an fp8
+    teacher stage records, so that stage reuses it (no shard rewritten) and the fp16 stage refuses it;
+    every record equals the source up to fp8 rounding, in fewer bytes."""
+    import numpy as np
+
+    from pipeline.recode import main as recode_main
+
+    dst = tmp_path / "fp8"
+    assert recode_main([str(teacher_dir), str(dst), "--hidden-dtype", "float8_e4m3"]) == 0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (dst / SHARDS).iterdir()}
+    fp8 = dataclasses.replace(TEACHER, hidden_dtype="float8_e4m3")
+    again = run_teacher(*cfgs, fp8, dst, progress=False)
+    assert again == load_manifest(dst) and again["hidden_dtype"] == "float8_e4m3"
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (dst / SHARDS).iterdir()}
+    with pytest.raises(ValueError, match="teacher.hidden_dtype: 'float8_e4m3' -> 'float16'"):
+        run_teacher(*cfgs, TEACHER, dst, progress=False)
+    source, recoded = shards_of(teacher_dir), shards_of(dst)
+    for name, seqs in source.items():
+        for a, b in zip(seqs, recoded[name]):
+            assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.topk_logprobs, b.topk_logprobs)
+            scale = np.abs(a.hidden.astype(np.float32)).max(axis=1, keepdims=True)
+            assert np.all(np.abs(b.hidden - a.hidden) <= 2 ** -4 * np.abs(a.hidden) + scale / 448 * 2 ** -9 + 1e-12)
+    size = lambda d: sum(p.stat().st_size for p in (d / SHARDS).iterdir())  # noqa: E731
+    assert size(dst) < size(teacher_dir)
+    assert recode_main([str(teacher_dir), str(dst), "--hidden-dtype", "float8_e4m3"]) == 2  # never overwritten
