@@ -1,5 +1,7 @@
 """Measure several decoding methods against plain greedy decoding: same model, same prompts, same
-process, interleaved repeats (the order of methods rotates every repeat so drift favours none).
+process, interleaved per batch: each batch (a prompt at batch size 1) runs under every method back to
+back, in an order that rotates from batch to batch and repeat to repeat, so a machine that speeds up or
+slows down over minutes shifts a method's time and the baseline's time for the same prompt alike.
 
     results = compare({"plain": plain_fn, "redrafter": spec_fn, ...}, prompts, batch_size=1, repeats=3)
 
@@ -87,18 +89,6 @@ def make_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
     return [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
 
 
-def run_method(method: Method, prompts: list[list[int]], batches: list[list[int]], desc: str = "") -> MethodRun:
-    run = MethodRun(tokens=[[] for _ in prompts])
-    # disable=None: bars on a terminal only, so job logs are not flooded
-    for batch in tqdm(batches, desc=desc, leave=False, unit="batch", disable=None if desc else True):
-        result = method([prompts[i] for i in batch])
-        for i, toks in zip(batch, result.tokens):
-            run.tokens[i] = toks
-        run.stats.append(result.stats)
-        run.seconds.append(result.seconds)
-    return run
-
-
 def _summary(stats: DecodeStats) -> dict:
     d = stats.to_dict()
     return {k: d[k] for k in ("tokens_per_step", "acceptance_per_position", "verified_tokens_per_step",
@@ -128,19 +118,26 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
     if warmup:
         for name in names:
             methods[name]([ids[i] for i in batches[0]])
-    done, total, t0 = 0, repeats * len(names), time.time()
-    for rep in range(repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            desc = f"{name} {rep + 1}/{repeats}" if progress else ""
-            runs[name].append(run_method(methods[name], ids, batches, desc))
-            done += 1
-            if progress:  # one line per method and repeat, also in job logs where the bars are off
-                r = runs[name][-1]
-                print(f"eval: {done}/{total} {name} repeat {rep + 1}/{repeats}: "
-                      f"{_tokens_per_s(r, list(range(len(batches))), batches):.1f} tokens/s "
-                      f"({time.time() - t0:.0f} s so far)", flush=True)
+    t0 = time.time()
     every = list(range(len(batches)))
+    for rep in range(repeats):
+        for name in names:
+            runs[name].append(MethodRun(tokens=[[] for _ in ids], stats=[None] * len(batches),
+                                        seconds=[0.0] * len(batches)))
+        # disable=None: a bar on a terminal only, so job logs are not flooded
+        for b in tqdm(every, desc=f"repeat {rep + 1}/{repeats}", leave=False, unit="batch",
+                      disable=None if progress else True):
+            shift = (rep + b) % len(names)
+            for name in names[shift:] + names[:shift]:
+                result = methods[name]([ids[i] for i in batches[b]])
+                run = runs[name][rep]
+                for i, toks in zip(batches[b], result.tokens):
+                    run.tokens[i] = toks
+                run.stats[b], run.seconds[b] = result.stats, result.seconds
+        if progress:  # one line per repeat, also in job logs where the bars are off
+            print(f"eval: repeat {rep + 1}/{repeats} ({time.time() - t0:.0f} s so far): " + ", ".join(
+                f"{name} {_tokens_per_s(runs[name][rep], every, batches):.1f}" for name in names) + " tokens/s",
+                flush=True)
     base = runs[reference][0].tokens
     strata = list(by_cat.values()) if by_cat else [every]
     uncategorized = [b for b in every if not any(b in s for s in strata)]

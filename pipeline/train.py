@@ -408,6 +408,13 @@ def train_worker(config: dict) -> None:
                                                                             if k != "d2t"}})
         print(f"train: wrote {out_dir / 'drafter'}; held-out " +
               " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in heldout.items()), flush=True)
+        import resource
+
+        shards_dir = Path(config["teacher_dir"]) / "shards"
+        data_mb = sum((shards_dir / s["name"]).stat().st_size for s in manifest["shards"]) / 1e6
+        print(f"train: worker peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB with "
+              f"{data_mb:.0f} MB of teacher shards (a worker holds two shards at a time, plus its held-out rows)",
+              flush=True)
     run.summary.update(metrics)
     run.finish()
 

@@ -26,7 +26,7 @@ import pytest
 from pipeline.lineage import sha256_file
 from tests.test_e2e import REPO
 
-PROMPTS, SHARD = 24, 2
+PROMPTS, SHARD = 16, 2
 SHARDS = PROMPTS // SHARD
 
 
@@ -34,7 +34,7 @@ def argv(model_dir, out_dir, name="r"):
     return [sys.executable, "-m", "pipeline.main", "recipe=tiny", f"model.base_model={model_dir}",
             f"run.output_dir={out_dir}", f"run.name={name}", "tracking.mode=disabled", "run.num_cpus=2",
             "data.max_prompt_tokens=4096", f"data.train.limit={PROMPTS}", "teacher.num_actors=2",
-            f"teacher.shard_size={SHARD}", "teacher.max_new_tokens=48", "run.stages=[teacher]"]
+            f"teacher.shard_size={SHARD}", "teacher.max_new_tokens=32", "run.stages=[teacher]"]
 
 
 def journal(run_dir) -> list[dict]:
@@ -59,7 +59,7 @@ def manifest_shards(run_dir) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The tiny random Llama with room for the recipe's longest training prompt + 48 new tokens."""
+    """The tiny random Llama with room for the recipe's longest training prompt + 32 new tokens."""
     from tests.conftest import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model"), max_position_embeddings=1024)
