@@ -162,7 +162,8 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
         divergences = {prompts[i].id: explain(ids[i], base[i], first.tokens[i]) for i in differ} if explain else {}
         out[name] = {
             "tokens_per_s": sum(tps) / len(tps), "speedup": speedup, "speedup_ci95": ci,
-            "speedup_ci95_repeats": ci_repeats, "speedup_per_repeat": speedups, "lossless": not mismatched, "mismatched_prompts": mismatched,
+            "speedup_ci95_repeats": ci_repeats, "speedup_per_repeat": speedups,
+            "lossless": not mismatched, "mismatched_prompts": mismatched,
             **({"divergences": divergences} if divergences else {}),
             **_summary(merged), "decode_stats": merged.to_dict(),
         }

@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
             "cost": cost_ratio(decoders[name]),
             "heldout_top1": [final.get(f"heldout/top1_{i}") for i in range(1, arch["horizon"])],
             "tokens_per_step": r["tokens_per_step"], "tokens_per_s": r["tokens_per_s"], "speedup": r["speedup"],
-            "speedup_ci95": r["speedup_ci95"], "lossless": r["lossless"],
+            "speedup_ci95": r["speedup_ci95"], "speedup_per_repeat": r["speedup_per_repeat"],
+            "speedup_ci95_repeats": r["speedup_ci95_repeats"], "lossless": r["lossless"],
             "acceptance_per_position": r["acceptance_per_position"],
         }
         if args.profile_prompts:
