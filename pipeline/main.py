@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -78,9 +79,10 @@ def init_ray(cfg: Config) -> None:
         # instances"): pin the dashboard to a port chosen here and point the workers' State API at it.
         port = free_port()
         ray.init(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True, include_dashboard=True,
-                 dashboard_port=port,
+                 dashboard_port=port, logging_level=logging.WARNING,  # our own line below instead of Ray's INFO
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                                            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        print(f"ray: a local cluster for this run; dashboard http://127.0.0.1:{port}", flush=True)
 
 
 def free_port() -> int:
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = run_dir_of(cfg)
-    print("=== resolved config ===\n" + to_yaml(cfg))
+    if args.print_config or args.dry_run:
+        print("=== resolved config ===\n" + to_yaml(cfg))
+    else:  # a run keeps its console short: the whole config is one flag away and in the run directory
+        print(f"config: {' '.join(overrides) or '(base)'}; resolved config in {run_dir / 'resolved_config.yaml'} "
+              "(or add --print-config)", flush=True)
     if args.print_config:
         return 0
     previous = _stop_on_sigterm()

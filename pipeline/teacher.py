@@ -255,9 +255,15 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
 def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, teacher_cfg: TeacherConfig,
                      tokenizer, out_dir: Path, seed: int, progress: bool) -> dict[str, dict]:
     """Run the pending shard specs through a pool of TeacherWorker actors; journal each as it lands."""
+    import logging
+
     import ray
     from tqdm.auto import tqdm
 
+    # our bar counts shards; Ray Data's plan lines and its "progress bars disabled" notice are noise here
+    # (its full logs stay in the Ray session's logs/ray-data)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))  # one shard per block: results stream
     ds = ds.map_batches(
         TeacherWorker, batch_size=1,

@@ -80,9 +80,9 @@ def _placement(env: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _submit(env: dict, out: Path) -> str:
+def _submit(env: dict, out: Path, overrides: list[str] | None = None) -> str:
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "submit.sh"), *SCALED_DOWN, f"run.output_dir={out}"],
+        ["bash", str(REPO / "launch" / "submit.sh"), *(overrides or [*SCALED_DOWN, f"run.output_dir={out}"])],
         env=env, capture_output=True, text=True, timeout=900,
     )
     log = proc.stdout + proc.stderr
@@ -145,3 +145,43 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     log2 = _submit(ray_cluster, tmp_path)
     assert {p: p.stat().st_mtime for p in (run / "teacher" / "shards").iterdir()} == shard_mtimes
     assert "reusing" in log2
+
+
+@pytest.mark.e2e
+def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, tmp_path):
+    """`ray job stop` while the teacher stage runs (Ray sends the driver SIGTERM): the job stops, the
+    run directory records the teacher stage as interrupted, and submitting the same command again keeps
+    every shard journaled before the stop (same inode, same bytes) and finishes the rest."""
+    import time
+
+    env = {**ray_cluster, "RAY_AUTH_MODE": "token"} if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) \
+        else ray_cluster
+    overrides = ["recipe=tiny", "run.name=stop", "data.train.limit=40", "teacher.shard_size=2",
+                 "teacher.max_new_tokens=48", "teacher.num_actors=1", "run.stages=[teacher]",
+                 f"run.output_dir={tmp_path}"]
+    job = f"draftforge-stop-{os.getpid()}"
+    submitted = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir", str(REPO),
+         "--runtime-env-json", '{"excludes": ["outputs/", ".venv/", "venv/", "wandb/", ".git/"]}',
+         "--", "python", "-m", "pipeline.main", *overrides],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    journal = tmp_path / "stop" / "teacher" / "progress.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not journal.is_file() or len(journal.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    assert journal.is_file(), "the teacher stage never journaled a shard"
+    stopped = subprocess.run([str(BIN / "ray"), "job", "stop", job], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    done = [json.loads(line)["name"] for line in journal.read_text().splitlines() if line.strip().endswith("}")]
+    assert len(done) < 20, "the teacher stage finished before the stop"
+    shards = tmp_path / "stop" / "teacher" / "shards"
+    kept = {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done}
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["stages"]["teacher"] == "interrupted", summary
+    log = _submit(env, tmp_path, overrides=overrides)
+    assert "stage teacher: will resume" in log, log[-3000:]
+    manifest = json.loads((tmp_path / "stop" / "teacher" / "manifest.json").read_text())
+    assert manifest["num_sequences"] == 40 and len(manifest["shards"]) == 20
+    assert {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done} == kept
