@@ -51,9 +51,15 @@ def ray_cluster(tmp_path_factory):
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert start.returncode == 0, start.stdout + start.stderr
+        # Ray >= 2.5x: the head made a token (~/.ray/auth_token); a joining node must present it
+        token = os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+        # its own temp dir, as a second machine would have: two nodes unpacking the job's working_dir into
+        # one shared /tmp/ray would delete each other's copy
+        node2 = tmp_path_factory.mktemp("node2")
         join = subprocess.run(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats"],
-            env=env, capture_output=True, text=True, timeout=180,
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats",
+             f"--temp-dir={node2}"],
+            env={**env, "RAY_AUTH_MODE": "token"} if token else env, capture_output=True, text=True, timeout=180,
         )
         assert join.returncode == 0, join.stdout + join.stderr
         yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
