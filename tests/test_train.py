@@ -265,9 +265,18 @@ def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher
     cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=0)
     out = tmp_path / "out"
 
+    def registered(name: str) -> bool:  # Ray Train lists a checkpoint in its snapshot once it is whole
+        for snapshot in (out / "ray").glob("train-*/checkpoint_manager_snapshot.json"):
+            try:
+                if name in snapshot.read_text():
+                    return True
+            except OSError:
+                pass
+        return False
+
     def kill_a_worker():
         deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "ray").glob("train-*/checkpoint_0000020")):
+        while time.time() < deadline and not registered("checkpoint_0000020"):
             time.sleep(0.05)
         for p in psutil.Process().children(recursive=True):
             if any("RayTrainWorker" in part for part in p.cmdline()):
