@@ -390,6 +390,9 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
                             f"group {cfg.run.name!r} in project {cfg.tracking.project!r}"
                             if cfg.tracking.mode == "online" else "disabled")
         write_summary()
+        import ray
+
+        ray.shutdown()  # the cluster this run started (or its connection to a submitted job's): a caller may run again
     return summary
 
 
