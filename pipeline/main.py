@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
               "(or add --print-config)", flush=True)
     if args.print_config:
         return 0
+    try:
+        return _run(args, cfg, run_dir, argv)
+    finally:
+        ConsoleLog.close()  # opened by run_pipeline once the run directory is claimed
+
+
+def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
     previous = _stop_on_sigterm()
     try:
         if args.plan:
@@ -149,6 +156,62 @@ def main(argv: list[str] | None = None) -> int:
         _restore_sigterm(previous)
     print_summary(summary)
     return 0
+
+
+class ConsoleLog:
+    """Everything the run prints (its own lines, the workers' lines Ray forwards, progress bars) also goes to
+    <run_dir>/console.log, appended per invocation: the full log stays with the run. Lines written below
+    Python (Ray's C++ core) reach the terminal only; Ray keeps them in its session logs."""
+
+    _streams: tuple | None = None
+    _file = None
+
+    class _Tee:
+        def __init__(self, stream, file):
+            self.stream, self.file = stream, file
+
+        def write(self, text):
+            if self.file is not None:
+                try:
+                    self.file.write(text)
+                except (OSError, ValueError):  # a full disk: the terminal still gets every line
+                    self.file = None
+            return self.stream.write(text)
+
+        def flush(self):
+            if self.file is not None:
+                try:
+                    self.file.flush()
+                except (OSError, ValueError):
+                    self.file = None
+            self.stream.flush()
+
+        def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+            return getattr(self.stream, name)
+
+    @classmethod
+    def open(cls, path: Path) -> None:
+        cls.close()
+        try:
+            cls._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+            cls._file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} run started\n")
+        except OSError:
+            cls._file = None
+            return
+        cls._streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = cls._Tee(sys.stdout, cls._file), cls._Tee(sys.stderr, cls._file)
+
+    @classmethod
+    def close(cls) -> None:
+        if cls._streams is not None:
+            sys.stdout, sys.stderr = cls._streams
+            cls._streams = None
+        if cls._file is not None:
+            try:
+                cls._file.close()
+            except OSError:
+                pass
+            cls._file = None
 
 
 def disk_full(e: BaseException) -> bool:
@@ -322,6 +385,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
+    ConsoleLog.open(run_dir / "console.log")
     for plan in plans:
         print(plan.line(), flush=True)
     (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))

@@ -36,6 +36,7 @@ def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, c
     assert pm.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "Rerun the same command to resume" in err
+    assert err in (tmp_path / "r" / "console.log").read_text()  # the error line is in the run's console log
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["stages"] == {"teacher": status}
     assert summary["error"]["stage"] == "teacher" and summary["error"]["type"] == type(error).__name__

@@ -225,6 +225,8 @@ def test_the_pipeline_runs_a_hybrid_soft_capped_family_end_to_end(tmp_path):
             "train.epochs=1", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
             "drafter.draft_vocab_size=0", "eval.num_prompts=2", "eval.max_new_tokens=16", "eval.repeats=1"]
     assert pm.main(argv) == 0
+    console = (tmp_path / "g2" / "console.log").read_text()  # the run's full console stays with it
+    assert "stage teacher: will run" in console and "=== draftforge summary ===" in console
     record = json.loads((tmp_path / "g2" / "eval" / "eval_record.json").read_text())
     assert record["lossless_exact"] and not record["mismatched_prompts"]
     assert set(record["methods"]) >= {"prompt_lookup", "lookahead"}
