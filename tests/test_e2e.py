@@ -86,10 +86,23 @@ def _placement(env: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _run_submission(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run a `ray job submit` command; a freshly started cluster can answer "No available agent to submit
+    job, please try again later" for a few seconds: then try again (nothing was submitted)."""
+    import time
+
+    for _ in range(12):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(5)
+    return proc
+
+
 def _submit(env: dict, out: Path, overrides: list[str] | None = None) -> str:
-    proc = subprocess.run(
+    proc = _run_submission(
         ["bash", str(REPO / "launch" / "submit.sh"), *(overrides or [*SCALED_DOWN, f"run.output_dir={out}"])],
-        env=env, capture_output=True, text=True, timeout=900,
+        env, timeout=900,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -166,11 +179,11 @@ def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, 
                  "teacher.max_new_tokens=48", "teacher.num_actors=1", "run.stages=[teacher]",
                  f"run.output_dir={tmp_path}"]
     job = f"draftforge-stop-{os.getpid()}"
-    submitted = subprocess.run(
+    submitted = _run_submission(
         [str(BIN / "ray"), "job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir", str(REPO),
          "--runtime-env-json", '{"excludes": ["outputs/", ".venv/", "venv/", "wandb/", ".git/"]}',
          "--", "python", "-m", "pipeline.main", *overrides],
-        env=env, capture_output=True, text=True, timeout=300)
+        env, timeout=300)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     journal = tmp_path / "stop" / "teacher" / "progress.jsonl"
     deadline = time.time() + 600
