@@ -23,10 +23,10 @@ import fcntl
 import importlib.metadata
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.lineage import hash_dir, sha256_file
 
 PACKAGE_PREFIX = "pkg:"
@@ -153,15 +153,12 @@ def converted_dir(name: str, cache_dir: str | Path = "", search_dirs: tuple[Path
         check_supported(header, path)
         print(f"converting GGUF {path.name} ({header['architecture']}, {header['quantization']}) to safetensors "
               f"in {target} (once; later runs reuse it)", flush=True)
-        tmp = cache / f".{sha[:16]}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _convert(path, tmp)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        meta = {"gguf_path": str(path), "gguf_sha256": sha, "gguf_bytes": path.stat().st_size, **header,
-                "source_name": name, "files": files, "converted_hash": hash_dir(tmp, names=tuple(files))}
-        (tmp / SOURCE).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        with atomic.replacing_dir(target) as tmp:
+            _convert(path, tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            meta = {"gguf_path": str(path), "gguf_sha256": sha, "gguf_bytes": path.stat().st_size, **header,
+                    "source_name": name, "files": files, "converted_hash": hash_dir(tmp, names=tuple(files))}
+            (tmp / SOURCE).write_text(json.dumps(meta, indent=2) + "\n")
     return target
 
 

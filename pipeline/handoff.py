@@ -73,7 +73,7 @@ def model_card(record: dict, arch, decision: dict, lineage: dict, serving: dict,
               f"- hidden size {arch.hidden_size}, exit width {arch.exit_dim}, {arch.num_draft_layers} residual blocks, "
               f"{'RNN' if arch.rnn else 'no RNN'}, trained for {arch.horizon - 1} draft tokens per beam "
               f"(reference beam_length {arch.horizon}, including g0)",
-              f"- output layer: " + (f"a draft vocabulary of {arch.draft_vocab_size} of the base model's "
+              "- output layer: " + (f"a draft vocabulary of {arch.draft_vocab_size} of the base model's "
                                      f"{arch.vocab_size} tokens (tensor `d2t` maps draft index -> token id)"
                                      if arch.draft_vocab_size else f"the full vocabulary of {arch.vocab_size} tokens")]
     if data:

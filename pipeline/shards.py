@@ -21,13 +21,14 @@ Hidden-state storage (`teacher.hidden_dtype`), bytes per position:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline import atomic
 
 SCHEMA_VERSION = 1
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3")
@@ -111,14 +112,9 @@ def write_shard(seqs: list[TeacherSequence], path: str | Path, hidden_dtype: str
         "topk_logprobs": [np.ascontiguousarray(s.topk_logprobs, dtype=np.float32).tobytes() for s in seqs],
         "tail_logprob": [np.ascontiguousarray(s.tail_logprob, dtype=np.float32).tobytes() for s in seqs],
     }, schema=SCHEMA)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    # e.g. a full disk: no partial file stays behind (a killed writer's is swept when the stage starts)
+    with atomic.replacing(Path(path)) as tmp:
         pq.write_table(table, tmp)
-    except BaseException:  # e.g. a full disk: no partial file stays behind (a killed writer's is swept at start)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def decode_row(row: dict, hidden_size: int, top_k: int, hidden_dtype: str = "float16") -> TeacherSequence:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import atomic
 from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
 from pipeline.config import DataConfig, ModelConfig, TeacherConfig
 from pipeline.gguf import gguf_source
@@ -41,9 +42,7 @@ def shard_name(index: int) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, sort_keys=True)
 
 
 def load_manifest(out_dir: str | Path) -> dict:
@@ -227,8 +226,7 @@ def run_teacher(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: Teach
              for i, start in enumerate(range(0, len(prompts), size))]
     expected_rows = {s["name"]: len(json.loads(s["prompts"])) for s in specs}
     (out_dir / SHARDS).mkdir(exist_ok=True)
-    for stale in (out_dir / SHARDS).glob(".*.tmp-*"):  # left by a writer that died mid-write
-        stale.unlink()
+    atomic.sweep(out_dir / SHARDS)  # left by a writer that died mid-write
     done = completed_shards(out_dir, expected_rows)
     pending = [s for s in specs if s["name"] not in done]
     if pending:

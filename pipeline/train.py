@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import atomic
 from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
 from pipeline.drafter import build_drafter, make_arch
 from pipeline.lineage import hash_json
@@ -509,14 +509,10 @@ def _write_drafter(out: Path, state: dict, arch, train_metrics: dict) -> None:
     from pipeline.export import check_state_dict
 
     check_state_dict(state, arch)  # the spec's tensor names and shapes
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "drafter.safetensors"))
-    (tmp / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
-    (tmp / "train_metrics.json").write_text(json.dumps(train_metrics, indent=2, default=str) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic.replacing_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "drafter.safetensors"))
+        (tmp / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
+        (tmp / "train_metrics.json").write_text(json.dumps(train_metrics, indent=2, default=str) + "\n")
 
 
 class StepLogger:

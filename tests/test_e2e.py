@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.main import free_port
 from pipeline.tracking import read_offline_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,18 +32,12 @@ SCALED_DOWN = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A real two-node Ray cluster on this machine: a head and a second node joined with
     `ray start --address`, one CPU each; stopped afterwards."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    dash, gcs = _free_port(), _free_port()
+    dash, gcs = free_port(), free_port()
     try:
         start = subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1",

@@ -74,13 +74,16 @@ def test_find_in_package_without_importing_it():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Two processes resolve the same GGUF into an empty cache at once (as Ray actors starting together
-    would): one converts, the other waits on the lock and reuses the result."""
+    """Two processes resolve the same GGUF into a cache without it at once (as Ray actors starting
+    together would): one converts, the other waits on the lock and reuses the result. On a machine whose
+    default cache lacks the model (a fresh CI machine) that is the default cache, so the later runs of the
+    real model (tests/test_smollm2_e2e.py) do not convert it again; otherwise a temporary one."""
     import subprocess
     import sys
     from pathlib import Path
 
-    cache = tmp_path_factory.mktemp("gguf_cache")
+    target = gguf.DEFAULT_CACHE / gguf.gguf_sha256(gguf.find_gguf(SMOLLM2))[:16]
+    cache = gguf.DEFAULT_CACHE if not target.exists() else tmp_path_factory.mktemp("gguf_cache")
     code = "import sys; from pipeline.gguf import converted_dir; print('DIR', converted_dir(sys.argv[1], sys.argv[2]))"
     repo = Path(__file__).resolve().parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", code, SMOLLM2, str(cache)], cwd=repo, text=True,

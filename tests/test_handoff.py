@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 
 from pipeline.base_model import base_model_fingerprint, input_embeddings, load_base_model

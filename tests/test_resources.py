@@ -50,7 +50,7 @@ def test_plan_matches_hand_calculation(size, published, tmp_path):
     n = resource_plan(cfg, load_model_config(cfg.model)).numbers
     H, V, L, kv = d["hidden_size"], d["vocab_size"], d["num_hidden_layers"], d["num_key_value_heads"]
     hd = H // d["num_attention_heads"]
-    t, tr, dr, ev, r = cfg.teacher, cfg.train, cfg.drafter, cfg.eval, cfg.resources
+    t, tr, ev, r = cfg.teacher, cfg.train, cfg.eval, cfg.resources
 
     P = hand_parameters(d)
     assert P == published == n["base_parameters"]  # 8.03 B and 70.55 B, the published counts

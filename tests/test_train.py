@@ -24,7 +24,7 @@ from pipeline.export import expected_tensors
 from pipeline.lineage import sha256_file, tokenizer_hash
 from pipeline.shards import TeacherSequence, write_shard
 from pipeline.tracking import read_offline_run
-from pipeline.train import TeacherData, load_embedding_table, run_train
+from pipeline.train import TeacherData, latest_checkpoint_step, load_embedding_table, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_K = 8
@@ -265,18 +265,13 @@ def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher
     cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=0)
     out = tmp_path / "out"
 
-    def registered(name: str) -> bool:  # Ray Train lists a checkpoint in its snapshot once it is whole
-        for snapshot in (out / "ray").glob("train-*/checkpoint_manager_snapshot.json"):
-            try:
-                if name in snapshot.read_text():
-                    return True
-            except OSError:
-                pass
-        return False
+    def registered_step() -> int:  # Ray Train lists a checkpoint in its snapshot once it is whole
+        runs = (out / "ray").glob("train-*")
+        return max((latest_checkpoint_step(out, run.name) or 0 for run in runs), default=0)
 
     def kill_a_worker():
         deadline = time.time() + 300
-        while time.time() < deadline and not registered("checkpoint_0000020"):
+        while time.time() < deadline and registered_step() < 20:
             time.sleep(0.05)
         for p in psutil.Process().children(recursive=True):
             if any("RayTrainWorker" in part for part in p.cmdline()):
