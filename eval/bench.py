@@ -7,7 +7,7 @@ Uses the run's resolved config (base model, eval prompts, lengths) and its train
 process, with interleaved repeats (speedups are per repeat against plain greedy, then mean ± 95%):
 1. sweep (W, L): tau and speedup for every beam width and length -> the best setting for this device;
 2. at the best setting: redrafter, redrafter without tree attention, redrafter at beam width 1,
-   prompt lookup (transformers assisted generation), lookahead decoding;
+   hybrid (the drafter's beams + a prompt-lookup path in one tree), prompt lookup (transformers assisted generation), lookahead decoding;
 3. batch sizes: redrafter vs plain greedy at each batch size (ragged acceptance per row);
 4. a step profile of the best setting (eval/profile.py).
 Writes <out>/bench.json and <out>/bench.png, prints a table, and records the best setting in
@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 
 from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
-from eval.compare import ci_text, compare
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
+from eval.compare import ci_text, compare, method_table
+from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import profile_decoder
 from pipeline.base_model import load_base_model
@@ -55,28 +55,15 @@ def parse_args(argv=None):
                     help="base model and drafter dtype; default: the run's eval.dtype")
     ap.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
                     help="torch.compile the base model (every method uses it); default: the run's eval.compile")
+    ap.add_argument("--hybrid-ngram", type=int, default=3,
+                    help="the hybrid method's longest prompt-lookup n-gram (docs/design.md §3.3)")
     ap.add_argument("--out", type=Path, default=None, help="default: <run-dir>/bench")
     return ap.parse_args(argv)
 
 
-def _spec(model, drafter, W, L, n, eos, tree=True):
-    dec = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, tree_attention=tree)
+def _spec(model, drafter, W, L, n, eos, tree=True, ngram=0):
+    dec = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, tree_attention=tree, ngram=ngram)
     return lambda batch: dec.generate(batch, n, eos)
-
-
-def _row(name: str, m: dict) -> str:
-    return (f"{name:<22}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
-            f"{m['speedup']:>9.2f}x {ci_text(m['speedup_ci95'], 6)}{m.get('verified_tokens_per_step', 0) or 0:>9.1f}"
-            f"  {_lossless(m)}")
-
-
-def _lossless(m: dict) -> str:
-    """True; "ties (k)" when the k mismatched prompts all diverge at numerical ties; False otherwise."""
-    divergences = m.get("divergences", {})
-    return f"ties ({len(divergences)})" if not m["lossless"] and only_numerical_ties(divergences) else str(m["lossless"])
-
-
-HEADER = f"{'method':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}{'verified':>9}  lossless"
 
 
 @torch.inference_mode()
@@ -122,6 +109,7 @@ def main(argv=None) -> dict:
     methods = {"plain": plain, "redrafter": _spec(model, drafter, W, L, n, eos),
                "redrafter_no_tree": _spec(model, drafter, W, L, n, eos, tree=False),
                "redrafter_W1": _spec(model, drafter, 1, L, n, eos),
+               "hybrid": _spec(model, drafter, W, L, n, eos, ngram=args.hybrid_ngram),
                "prompt_lookup": lambda b: prompt_lookup_generate(model, b, n, eos),
                "lookahead": lambda b: lookahead_generate(model, b, n, eos)}
     report["methods"] = {k: _slim(v) for k, v in compare(methods, prompts, 1, args.repeats, explain=explain).items()}
@@ -163,13 +151,11 @@ def print_report(report: dict) -> None:
     print(f"\n== sweep ({report['device']} {report.get('device_name', '')} {report.get('dtype', '')}, "
           f"{report['threads']} threads, compile {report.get('compile', 'none')}, "
           f"{report['num_prompts']} prompts, "
-          f"{report['max_new_tokens']} new tokens, {report['repeats']} interleaved repeats) ==\n{HEADER}")
-    for k, v in report["sweep"].items():
-        print(_row(k, v))
+          f"{report['max_new_tokens']} new tokens, {report['repeats']} interleaved repeats) ==")
+    print("\n".join(method_table(report["sweep"], name_width=22, verified=True)))
     b = report["best_setting"]
-    print(f"best: W={b['beam_width']} L={b['beam_length']}\n\n== methods at the best setting ==\n{HEADER}")
-    for k, v in report["methods"].items():
-        print(_row(k, v))
+    print(f"best: W={b['beam_width']} L={b['beam_length']}\n\n== methods at the best setting ==")
+    print("\n".join(method_table(report["methods"], name_width=22, verified=True)))
     print(f"\n== batch sizes (redrafter vs plain at the same batch size) ==\n{'batch':<22}{'tau':>6}{'tok/s':>10}{'speedup':>17}")
     for bs, v in report["batches"].items():
         print(f"{bs:<22}{v['tokens_per_step']:>6.2f}{v['tokens_per_s']:>10.0f}{v['speedup']:>9.2f}x {ci_text(v['speedup_ci95'])}")

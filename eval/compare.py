@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from data.prompts import Prompt
-from eval.decoder import GenerationResult
+from eval.decoder import GenerationResult, only_numerical_ties
 from eval.metrics import DecodeStats
 
 Method = Callable[[list[list[int]]], GenerationResult]
@@ -70,6 +70,24 @@ def paired_bootstrap_ci95(tokens: list[int], seconds: list[list[float]], ref_tok
 def ci_text(half_width: float | None, width: int = 0) -> str:
     """'±0.12' or '±n/a' (one repeat), left-aligned to `width` characters."""
     return f"{'±n/a' if half_width is None else f'±{half_width:.2f}':<{width}}"
+
+
+def lossless_text(m: dict) -> str:
+    """True; "ties (k)" when the k mismatched prompts all diverge at numerical ties; False otherwise."""
+    divergences = m.get("divergences", {})
+    return f"ties ({len(divergences)})" if not m["lossless"] and only_numerical_ties(divergences) else str(m["lossless"])
+
+
+def method_table(methods: dict[str, dict], indent: str = "", name_width: int = 14, verified: bool = False) -> list[str]:
+    """The methods table every report prints (eval summary, bench): tau, tokens/s, speedup with its 95%
+    interval, optionally verified tokens per step, and whether the output equals plain decoding."""
+    lines = [f"{indent}{'method':<{name_width}}{'tau':>6}{'tokens/s':>10}{'speedup':>16}"
+             + (f"{'verified':>9}" if verified else "") + "  lossless"]
+    for name, m in methods.items():
+        extra = f"{m.get('verified_tokens_per_step') or 0:>9.1f}" if verified else ""
+        lines.append(f"{indent}{name:<{name_width}}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
+                     f"{m['speedup']:>9.2f}x {ci_text(m['speedup_ci95'], 6)}{extra} {lossless_text(m)}")
+    return lines
 
 
 @dataclass

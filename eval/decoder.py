@@ -31,6 +31,7 @@ from transformers.cache_utils import StaticLayer
 
 from eval.beam import REFERENCE_TOP_LOGITS, draft
 from eval.metrics import DecodeStats
+from eval.ngram import history, lookup_paths
 from eval.tree import Tree, pack_tree
 from pipeline.support import attention_windows, output_logits
 
@@ -53,6 +54,8 @@ class DecodeState:
     done_B: torch.Tensor  # rows past EOS / max_new_tokens keep riding in the batch, frozen
     max_new_tokens: int
     eos_token_id: int | None
+    prompt_BT: torch.Tensor  # the prompts, right-padded (read by prompt-lookup candidates: eval/ngram.py)
+    prompt_len_B: torch.Tensor
 
     @property
     def new_tokens(self) -> list[list[int]]:
@@ -237,7 +240,8 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     out_BN = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     return DecodeState(cache, len_B, pick_next(logits_BTV[rows, last_B]), hidden_BTD[rows, last_B],
                        out_BN, torch.zeros(B, dtype=torch.long, device=device),
-                       torch.full((B,), max_new_tokens == 0, device=device), max_new_tokens, eos_token_id)
+                       torch.full((B,), max_new_tokens == 0, device=device), max_new_tokens, eos_token_id,
+                       tokens_BT, len_B)
 
 
 def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -388,7 +392,8 @@ class SpeculativeDecoder:
     acceptance rule instead, which is NOT lossless."""
 
     def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
-                 temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS):
+                 temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS,
+                 ngram: int = 0):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
         if beam_width > model.config.vocab_size:
@@ -402,6 +407,14 @@ class SpeculativeDecoder:
         self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
         self.temperature, self.reference_compatible = temperature, reference_compatible
         self.top_logits = top_logits  # the beam search's logit processing (eval/beam.py reference_logits)
+        # Hybrid drafting (docs/design.md §3.3): ngram = N > 0 adds one prompt-lookup path (the text's last
+        # 1..N tokens matched earlier in prompt + output) to the drafter's beams in the same packed tree.
+        if ngram < 0:
+            raise ValueError(f"ngram must be >= 0 (0 = drafter beams only), got {ngram}")
+        if ngram and temperature > 0.0:
+            raise ValueError("hybrid drafting (ngram > 0) is greedy only: use temperature 0")
+        self.ngram = ngram
+        self.num_paths = beam_width + (1 if ngram else 0)
 
     def step(self, state: DecodeState, stats: DecodeStats, generator: torch.Generator | None = None) -> None:
         if self.temperature > 0.0:
@@ -410,17 +423,26 @@ class SpeculativeDecoder:
         W, L = self.beam_width, self.beam_length
         # Greedy verification needs no drafter probabilities: skip keeping them.
         beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False, top_logits=self.top_logits)
-        tree = pack_tree(beams.tokens_BWL, dedup=self.tree_attention)
+        paths_BWL = beams.tokens_BWL
+        if self.ngram:
+            lookup_BL, found_B = lookup_paths(*history(state), L, max_ngram=self.ngram)
+            # No match: repeat beam 0, which packing shares for free. Last in the tree, so on equal
+            # acceptance the drafter's beam is the one chosen.
+            lookup_BL = torch.where(found_B[:, None], lookup_BL, paths_BWL[:, 0])
+            paths_BWL = torch.cat([paths_BWL, lookup_BL[:, None]], dim=1)
+        tree = pack_tree(paths_BWL, dedup=self.tree_attention)
         hidden_BPD, logits_BPV, write_at = forward_tree(self.model, state, tree)
-        accept_len_BW, pred_BWL = verify(logits_BPV, beams.tokens_BWL, tree.unpacker_BWL)
-        acc = accept(accept_len_BW, pred_BWL, beams.tokens_BWL, tree.unpacker_BWL, hidden_BPD)
+        accept_len_BW, pred_BWL = verify(logits_BPV, paths_BWL, tree.unpacker_BWL)
+        acc = accept(accept_len_BW, pred_BWL, paths_BWL, tree.unpacker_BWL, hidden_BPD)
         active_B = commit(state, acc, write_at)
         stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+        if self.ngram:  # steps where the lookup path alone accepted the most
+            stats.lookup_wins += int((acc.beam_B == W)[active_B].sum())
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
                  generator: torch.Generator | None = None) -> GenerationResult:
         """`generator` drives every random draw when temperature > 0 (None: torch's global RNG)."""
-        stats = DecodeStats(self.beam_width, self.beam_length)
+        stats = DecodeStats(self.num_paths, self.beam_length)
         pick_next = argmax_token
         if self.temperature > 0.0:
             from eval.sampling import sample_from_logits  # see step()
@@ -430,4 +452,4 @@ class SpeculativeDecoder:
         # A step uses at most W * L packed slots; a row may overshoot max_new_tokens by L - 1.
         return _decode(self.model, prompts, max_new_tokens, eos_token_id,
                        lambda state, stats: self.step(state, stats, generator), stats,
-                       step_slots=self.beam_width * self.beam_length + self.beam_length, pick_next=pick_next)
+                       step_slots=self.num_paths * self.beam_length + self.beam_length, pick_next=pick_next)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
 from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
+from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter, DrafterArch
@@ -109,6 +110,10 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
         "plain": lambda b: plain_greedy(model, b, n, eos),
         "redrafter": lambda b: candidate.generate(b, n, eos),
     }
+    if eval_cfg.hybrid_ngram:
+        hybrid = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits,
+                                    ngram=eval_cfg.hybrid_ngram)
+        methods["hybrid"] = lambda b: hybrid.generate(b, n, eos)
     if incumbent is not None:
         inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
         methods["incumbent"] = lambda b: inc.generate(b, n, eos)
@@ -148,7 +153,10 @@ def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, inc
 def eval_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, drafter_dir: Path,
                 incumbent_dir: Path | None = None) -> dict:
     """What an eval record is made from; a record with the same inputs is reused."""
-    return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": vars(eval_cfg).copy(),
+    settings = vars(eval_cfg).copy()
+    if not settings.get("hybrid_ngram"):  # added later: off leaves the records made before it valid
+        settings.pop("hybrid_ngram", None)
+    return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": settings,
             "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
             "model": vars(model_cfg),
             "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}
@@ -227,9 +235,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if eval_cfg.temperature == 0 and eval_cfg.profile_prompts > 0:
         record.update(ideal_speedup(model, drafter, eval_cfg, prompts, tokenizer.eos_token_id, record))
     plot_record(record, out_dir / "eval.png")
-    tmp = record_path.with_name(f".{record_path.name}.tmp")  # written last and whole: it marks the stage done
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(record_path)
+    atomic.write_json(record_path, record)  # written last and whole: it marks the stage done
     return record
 
 

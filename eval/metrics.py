@@ -21,6 +21,7 @@ class DecodeStats:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per record (0..L-1)
     verified: list[int] = field(default_factory=list)  # packed (verified) tokens per record
     num_forwards: int = 0  # batched base-model forwards in the decode loop (prefill not counted)
+    lookup_wins: int = 0  # hybrid drafting: records whose prompt-lookup path beat every drafter beam
 
     def record(self, accepted: Iterable[int], verified: Iterable[int]) -> None:
         accepted, verified = list(accepted), list(verified)
@@ -72,6 +73,7 @@ class DecodeStats:
         for s in stats:
             merged.record(s.accepted, s.verified)
             merged.num_forwards += s.num_forwards
+            merged.lookup_wins += s.lookup_wins
         return merged
 
     def to_dict(self) -> dict:
@@ -83,6 +85,7 @@ class DecodeStats:
             "beam_length": self.beam_length,
             "num_steps": self.num_steps,
             "num_forwards": self.num_forwards,
+            "lookup_wins": self.lookup_wins,
             "tokens_per_step": clean(self.tokens_per_step),
             "acceptance_per_position": [clean(a) for a in self.acceptance_per_position],
             "tokens_per_step_histogram": {str(k): n for k, n in self.tokens_per_step_histogram.items()},

@@ -125,6 +125,9 @@ class TrainConfig:
     max_failures: int = 2
 
 
+TRAINING_FREE = ("prompt_lookup", "lookahead")  # the training-free baselines' method names (eval.baselines)
+
+
 @dataclass
 class EvalConfig:
     beam_width: int = 8
@@ -136,7 +139,11 @@ class EvalConfig:
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"
     num_threads: int = 0  # CPU threads for torch; 0 = leave torch's default
-    baselines: list[str] = field(default_factory=lambda: ["prompt_lookup", "lookahead"])  # training-free
+    baselines: list[str] = field(default_factory=lambda: list(TRAINING_FREE))  # training-free
+    # hybrid drafting (docs/design.md §3.3): N > 0 also measures "hybrid", the drafter's beams plus one
+    # prompt-lookup path (the last 1..N tokens matched in prompt + output) verified in the same forward;
+    # greedy only. The gate still judges the drafter alone ("redrafter"), which is what serving stacks run.
+    hybrid_ngram: int = 0
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
     # beam search over the drafter's top-N logits, the rest set to -5e4, as the reference and TensorRT-LLM
@@ -263,8 +270,12 @@ def _value_problems(cfg: Config) -> list[str]:
         if flat[section][key] not in choices:
             p.append(f"bad value for '{dotted}': {flat[section][key]!r}; choose one of {', '.join(choices)}")
     for b in cfg.eval.baselines:
-        if b not in ("prompt_lookup", "lookahead"):
-            p.append(f"bad value in 'eval.baselines': {b!r}; baselines are prompt_lookup, lookahead")
+        if b not in TRAINING_FREE:
+            p.append(f"bad value in 'eval.baselines': {b!r}; baselines are {', '.join(TRAINING_FREE)}")
+    if cfg.eval.hybrid_ngram < 0:
+        p.append(f"bad value for 'eval.hybrid_ngram': {cfg.eval.hybrid_ngram}; use 0 (off) or the longest n-gram to match")
+    elif cfg.eval.hybrid_ngram and cfg.eval.temperature > 0:
+        p.append("'eval.hybrid_ngram' is greedy only: set it to 0 or eval.temperature to 0")
     if cfg.gate.beat_training_free and not cfg.eval.baselines:
         p.append("'gate.beat_training_free' needs at least one entry in 'eval.baselines'")
     for s in cfg.run.stages:

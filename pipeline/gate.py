@@ -7,14 +7,14 @@ decided (the first that failed, or "all rules passed").
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from pipeline.config import GateConfig
+from pipeline import atomic
+from pipeline.config import TRAINING_FREE, GateConfig
 from pipeline.drafter import DrafterArch
 from pipeline.export import export_drafter
 from pipeline.tracking import log_artifact
@@ -36,7 +36,7 @@ def decide(record: dict, gate: GateConfig) -> dict:
               record["tokens_per_step"] >= gate.min_tokens_per_step),
         _rule("min_speedup", record["speedup"], gate.min_speedup, record["speedup"] >= gate.min_speedup),
     ]
-    free = {k: v for k, v in methods.items() if k in ("prompt_lookup", "lookahead")}
+    free = {k: v for k, v in methods.items() if k in TRAINING_FREE}
     if gate.beat_training_free and free:
         best = max(free, key=lambda k: free[k]["speedup"])
         rules.append(_beats("beats_training_free", ours, free[best], best))
@@ -125,18 +125,15 @@ def publish(decision: dict, drafter_dir: Path, record: dict, lineage: dict, expo
     kind = "promoted" if decision["promoted"] else "candidate"
     final = export_root / kind
     # built in a temporary directory and renamed into place: an export is whole or absent, never partial
-    for stale in export_root.glob(f".{kind}.tmp-*"):  # left by a run killed mid-export
-        shutil.rmtree(stale, ignore_errors=True)
-    out = export_root / f".{kind}.tmp-{os.getpid()}"
+    atomic.sweep(export_root, kind)  # left by a run killed mid-export
     arch = DrafterArch(**json.loads((drafter_dir / "arch.json").read_text()))
     state = load_file(str(drafter_dir / "drafter.safetensors"))
-    export_drafter(state, arch, out / "drafter")
-    for name, obj in (("eval_record.json", record), ("lineage.json", lineage), ("decision.json", decision)):
-        (out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    write_handoff(out, record, arch, decision, lineage, data)
-    if final.exists():
-        shutil.rmtree(final)  # re-running the gate on the same checkpoint replaces its own export
-    out.rename(final)
+    # re-running the gate on the same checkpoint replaces its own export
+    with atomic.replacing_dir(final) as out:
+        export_drafter(state, arch, out / "drafter")
+        for name, obj in (("eval_record.json", record), ("lineage.json", lineage), ("decision.json", decision)):
+            (out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        write_handoff(out, record, arch, decision, lineage, data)
     out = final
     if tracker is not None:
         log_artifact(tracker, out, name=artifact_name, type="drafter", aliases=[kind],

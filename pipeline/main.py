@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, available_recipes, load_config, to_dict, to_yaml
+from pipeline import atomic
+from pipeline.config import TRAINING_FREE, Config, ConfigError, available_recipes, load_config, to_dict, to_yaml
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -139,7 +140,7 @@ def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
         log = run_dir / "error.log"
         try:
             if run_dir.is_dir():
-                write_text_whole(log, traceback.format_exc())
+                atomic.write_text(log, traceback.format_exc())
         except OSError:
             pass  # a full disk: the console line below still says what happened
         if disk_full(e):
@@ -233,16 +234,6 @@ def free_bytes(path: Path) -> int:
         return shutil.disk_usage(path).free
     except OSError:
         return 0
-
-
-def write_text_whole(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: the file is whole or as it was."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _stop_on_sigterm():
@@ -402,7 +393,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
 
     def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
         try:
-            write_text_whole(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            atomic.write_json(run_dir / "summary.json", summary, default=str)
         except OSError as e:  # a full disk must not hide the error that stopped the run
             print(f"warning: could not write {run_dir / 'summary.json'}: {e}", file=sys.stderr)
 
@@ -540,7 +531,7 @@ def log_eval_tables(tracker, record: dict, plot: Path) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    from eval.compare import ci_text
+    from eval.compare import ci_text, method_table
 
     print("\n=== draftforge summary ===")
     times = summary.get("stage_seconds", {})
@@ -559,12 +550,9 @@ def print_summary(summary: dict) -> None:
                   f"verify forward {prof['ms_per_step']['base_forward']:.1f} ms); decoder efficiency "
                   f"{r['decoder_efficiency']:.2f}; drafter {100 * prof['cost_ratio']['ratio']:.1f}% of a base token "
                   "per draft")
-        print(f"  {'method':<14}{'tau':>6}{'tokens/s':>10}{'speedup':>16}  lossless")
-        for name, m in r.get("methods", {}).items():
-            print(f"  {name:<14}{m['tokens_per_step']:>6.2f}{m['tokens_per_s']:>10.0f}"
-                  f"{m['speedup']:>9.2f}x {ci_text(m['speedup_ci95'], 6)} {m['lossless']}")
+        print("\n".join(method_table(r.get("methods", {}), indent="  ")))
         methods = r.get("methods", {})
-        free = {k: v for k, v in methods.items() if k not in ("plain", "redrafter", "incumbent")}
+        free = {k: v for k, v in methods.items() if k in TRAINING_FREE}
         best_free = max(free, key=lambda k: free[k]["speedup"], default=None)
         if best_free and free[best_free]["speedup"] > r["speedup"]:
             print(f"fastest here: {best_free} ({free[best_free]['speedup']:.2f}x), a training-free method, beats the "
@@ -572,7 +560,7 @@ def print_summary(summary: dict) -> None:
         categories = sorted({c for m in r.get("methods", {}).values() for c in m.get("by_category", {})})
         if categories:
             names = list(r["methods"])
-            print(f"  per category (tau / speedup vs plain): " + "  ".join(names))
+            print("  per category (tau / speedup vs plain): " + "  ".join(names))
             for c in categories:
                 cells = [r["methods"][n].get("by_category", {}).get(c) for n in names]
                 print(f"    {c:<12}" + "".join(f"{x['tokens_per_step']:>6.2f} /{x['speedup']:>5.2f}x" if x else f"{'-':>15}"

@@ -54,6 +54,22 @@ def test_greedy_record(setup):
     assert again == rec
 
 
+def test_hybrid_is_measured_beside_the_drafter_and_off_keeps_old_records_valid(setup):
+    from eval.evaluate import eval_inputs
+    from pipeline.lineage import hash_json
+
+    model_cfg, data, root = setup
+    rec = _eval(setup, "hybrid", baselines=[], hybrid_ngram=3, profile_prompts=0)
+    assert set(rec["methods"]) == {"plain", "redrafter", "hybrid"}
+    hybrid = rec["methods"]["hybrid"]
+    assert hybrid["lossless"] is True and hybrid["tokens_per_step"] >= 1.0 and set(hybrid["by_category"]) == {"a", "b"}
+    assert rec["tokens_per_step"] == rec["methods"]["redrafter"]["tokens_per_step"]  # the gate judges the drafter
+    # hybrid_ngram=0 (off) hashes as the records made before the setting existed did
+    off = eval_inputs(model_cfg, data, EvalConfig(), root / "drafter")
+    assert "hybrid_ngram" not in off["eval"]
+    assert hash_json(off) != hash_json(eval_inputs(model_cfg, data, EvalConfig(hybrid_ngram=3), root / "drafter"))
+
+
 def test_sampling_records_and_gate(setup):
     exact = _eval(setup, "sampled", temperature=0.8, baselines=[])
     assert exact["lossless"] is True and "rejection sampling" in exact["lossless_check"]
@@ -105,7 +121,7 @@ def test_bench_end_to_end(setup, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert set(report["sweep"]) == {"plain", "W1L2", "W1L3", "W2L2", "W2L3"}
-    assert set(report["methods"]) == {"plain", "redrafter", "redrafter_no_tree", "redrafter_W1", "prompt_lookup",
+    assert set(report["methods"]) == {"plain", "redrafter", "redrafter_no_tree", "redrafter_W1", "hybrid", "prompt_lookup",
                                       "lookahead"}
     assert all(m["lossless"] for m in report["sweep"].values()) and all(m["lossless"] for m in report["methods"].values())
     assert set(report["batches"]) == {1, 2} and report["profile"]["spec_step_ms"] > 0
@@ -120,7 +136,7 @@ def test_bench_end_to_end(setup, tmp_path):
     assert wandb_run["job_type"] == "bench" and wandb_run["group"] == cfg.run.name
     logged = {k: v for row in wandb_run["history"] for k, v in row.items()}
     assert logged["bench/sweep/_type"] == "table-file" and logged["bench/sweep/nrows"] == 5
-    assert logged["bench/methods/nrows"] == 6 and logged["bench/batch_sizes/nrows"] == 2
+    assert logged["bench/methods/nrows"] == 7 and logged["bench/batch_sizes/nrows"] == 2
     assert logged["bench/plot/_type"] == "image-file"
     assert wandb_run["summary"]["bench/best_beam_width"] == best["beam_width"]
 

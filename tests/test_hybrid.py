@@ -1,0 +1,146 @@
+"""Hybrid drafting (eval/ngram.py, SpeculativeDecoder(ngram=N)): the drafter's beams and one
+prompt-lookup path in the same packed tree, verified by the same single forward.
+
+    python -m pytest tests/test_hybrid.py -q
+
+The lookup is checked against a plain-Python implementation of its rule on random texts; the hybrid
+decoder token for token against `model.generate(do_sample=False)`, on prompts that repeat themselves
+(so the lookup path is really taken) and on random ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.decoder import SpeculativeDecoder, plain_greedy, plain_step, prefill
+from eval.metrics import DecodeStats
+from eval.ngram import history, lookup_paths
+from tests.test_decoder import V, TableDrafter, hf_greedy, make_prompts, random_drafter
+from tests.test_tree import tiny_llama, single_thread  # noqa: F401  (single_thread: autouse fixture)
+
+MAX_NEW = 24
+
+
+def lookup_reference(text: list[int], length: int, max_ngram: int, min_ngram: int) -> list[int] | None:
+    """The rule, spelled out: the longest suffix n (max..min) with an earlier occurrence whose whole
+    continuation of length - 1 tokens is known; the most recent such occurrence."""
+    end = len(text) - 1
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if end < n:
+            continue
+        suffix = text[end - n + 1:]
+        starts = [i for i in range(end) if text[i:i + n] == suffix and i + n + max(length - 2, 0) <= end]
+        if starts:
+            i = max(starts)
+            return [text[end]] + text[i + n:i + n + length - 1]
+    return None
+
+
+@pytest.mark.parametrize("length", [1, 2, 4, 6])
+@pytest.mark.parametrize("ngrams", [(3, 1), (2, 2), (4, 2)])
+def test_lookup_matches_the_rule_on_random_texts(length, ngrams):
+    max_ngram, min_ngram = ngrams
+    gen = torch.Generator().manual_seed(length * 10 + max_ngram)
+    for trial in range(20):
+        B = 5
+        lengths = torch.randint(1, 40, (B,), generator=gen)
+        C = int(lengths.max()) + 3
+        vocab = 3 if trial % 2 else 6  # small alphabets: many matches, some rows with none
+        seq = torch.randint(0, vocab, (B, C), generator=gen)
+        end = lengths - 1
+        path, found = lookup_paths(seq, end, length, max_ngram, min_ngram)
+        for b in range(B):
+            expect = lookup_reference(seq[b, :int(end[b]) + 1].tolist(), length, max_ngram, min_ngram)
+            assert bool(found[b]) == (expect is not None), (b, seq[b], end[b])
+            if expect is not None:
+                assert path[b].tolist() == expect
+            assert int(path[b, 0]) == int(seq[b, end[b]])
+
+
+def test_lookup_refuses_bad_settings():
+    seq = torch.zeros(1, 4, dtype=torch.long)
+    for args in [(0, 3, 1), (3, 1, 2), (3, 2, 0)]:
+        with pytest.raises(ValueError, match="need length"):
+            lookup_paths(seq, torch.tensor([3]), *args)
+
+
+def test_history_is_prompt_plus_committed_tokens_plus_g0():
+    model = tiny_llama("sdpa")
+    prompts = make_prompts(3, seed=4)
+    state = prefill(model, prompts, max_cache_len=64, max_new_tokens=8, eos_token_id=None)
+    for _ in range(5):
+        plain_step(model, state, DecodeStats(1, 1))
+    seq, end = history(state)
+    for b, prompt in enumerate(prompts):
+        text = prompt + state.new_tokens[b] + [int(state.g0_B[b])]
+        assert seq[b, :int(end[b]) + 1].tolist() == text
+
+
+def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a random phrase, as extraction and code-editing prompts repeat their input."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        phrase = torch.randint(3, V, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen).tolist()
+        out.append((phrase * 4)[:int(torch.randint(8, 28, (1,), generator=gen))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama("sdpa")
+    prompts = repetitive_prompts(6, seed=0) + make_prompts(6, seed=3)
+    reference = hf_greedy(model, prompts, MAX_NEW, None)
+    return model, prompts, reference
+
+
+@pytest.mark.parametrize("beam_width,beam_length,batch_size", [(1, 3, 1), (4, 4, 4), (2, 6, 3)])
+def test_hybrid_is_lossless_and_the_lookup_path_is_taken(setup, beam_width, beam_length, batch_size):
+    model, prompts, reference = setup
+    drafter = random_drafter(model)  # almost never right: what the hybrid accepts beyond it is the lookup's
+    hybrid = SpeculativeDecoder(model, drafter, beam_width, beam_length, ngram=3)
+    alone = SpeculativeDecoder(model, drafter, beam_width, beam_length)
+    out, stats, alone_stats = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        result = hybrid.generate(batch, MAX_NEW, None)
+        out += result.tokens
+        stats.append(result.stats)
+        alone_result = alone.generate(batch, MAX_NEW, None)
+        assert alone_result.tokens == reference[i:i + batch_size]
+        alone_stats.append(alone_result.stats)
+    assert out == reference
+    merged, merged_alone = DecodeStats.merge(stats), DecodeStats.merge(alone_stats)
+    assert merged.beam_width == beam_width + 1  # the lookup path is one more path of the tree
+    assert merged.lookup_wins > 0
+    assert merged.num_forwards < merged_alone.num_forwards, (merged.to_dict(), merged_alone.to_dict())
+    assert merged.tokens_per_step > merged_alone.tokens_per_step
+
+
+def test_hybrid_with_a_partly_right_drafter_and_an_eos(setup):
+    """A drafter that is often right competes with the lookup path: the longest acceptance wins each
+    step (ties go to the drafter), and rows stop at EOS as in plain decoding."""
+    model, prompts, _ = setup
+    free = plain_greedy(model, prompts, MAX_NEW, None).tokens
+    eos = int(torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V).argmax())
+    reference = hf_greedy(model, prompts, MAX_NEW, eos)
+    assert any(len(t) < MAX_NEW for t in reference)
+    counts = torch.zeros(V, V)
+    for p, t in zip(prompts, free):
+        for a, b in zip(p[-1:] + t, t):
+            counts[a, b] += 1
+    drafter = TableDrafter(counts.argmax(-1))
+    hybrid = SpeculativeDecoder(model, drafter, beam_width=2, beam_length=4, ngram=2)
+    result = hybrid.generate(prompts, MAX_NEW, eos)
+    assert result.tokens == reference
+    assert 0 < result.stats.lookup_wins < result.stats.num_steps
+
+
+def test_hybrid_refuses_sampling_and_negative_sizes():
+    model = tiny_llama("sdpa")
+    drafter = random_drafter(model)
+    with pytest.raises(ValueError, match="greedy only"):
+        SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, ngram=3)
+    with pytest.raises(ValueError, match="ngram must be >= 0"):
+        SpeculativeDecoder(model, drafter, 1, 3, ngram=-1)
