@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eval.decoder import DecodeState, Proposal, Proposer
+
 
 @dataclass
 class Beams:
@@ -130,3 +132,18 @@ def _greedy_chain(drafter, h_B1H: torch.Tensor, tokens_B11: torch.Tensor, state_
             score_B1 = score_B1 + best_B1 - logits_B1V.logsumexp(dim=-1)
         tokens.append(_to_tokens(drafter, token_B1))
     return Beams(torch.stack(tokens, dim=-1), score_B1, None)
+
+
+class BeamProposer(Proposer):
+    """The drafter's W beams of length L from (h, g0): ReDrafter's proposal. keep_log_probs for the
+    reference sampling rule (it needs the drafter distribution along each beam)."""
+
+    def __init__(self, drafter, beam_width: int, beam_length: int, top_logits: int = REFERENCE_TOP_LOGITS,
+                 keep_log_probs: bool = False):
+        self.drafter, self.beam_width, self.beam_length = drafter, beam_width, beam_length
+        self.top_logits, self.keep_log_probs = top_logits, keep_log_probs
+
+    def propose(self, state: DecodeState) -> Proposal:
+        beams = draft(self.drafter, state.h_BD, state.g0_B, self.beam_width, self.beam_length,
+                      keep_log_probs=self.keep_log_probs, top_logits=self.top_logits)
+        return Proposal(beams.tokens_BWL, beams.log_probs_BWKV)

@@ -1,12 +1,11 @@
-"""Greedy speculative decoding with a ReDrafter drafter (docs/design.md §3), and plain greedy decoding
-on the same cache machinery. Sampling (temperature > 0) lives in eval/sampling.py and plugs in here
-through `pick_next` (how the next g0 is chosen from logits) and `SpeculativeDecoder.step`.
+"""The decoding machinery every method shares (docs/design.md §3): the static KV cache, the verify
+forward over a packed tree, greedy verification, the commit, and `run_step`, the one step skeleton:
+a Proposer's candidate paths -> `pack_tree()` -> ONE base forward -> a verifier -> `commit()`.
+Plain greedy decoding is that step with g0 alone; ReDrafter (eval/speculative.py), its sampling
+mode (eval/sampling.py), hybrid drafting (eval/ngram.py) and lookahead (eval/lookahead.py) plug
+their proposers and verifiers into it.
 
-    decoder = SpeculativeDecoder(model, drafter, beam_width=4, beam_length=5)
-    result = decoder.generate(prompts, max_new_tokens=128, eos_token_id=tok.eos_token_id)
-
-One step: `draft()` beams from (h, g0) -> `pack_tree()` -> ONE base forward over the packed tokens
--> `verify()` -> `accept()` -> `commit()`. Output is identical to plain greedy decoding.
+    result = plain_greedy(model, prompts, max_new_tokens=128, eos_token_id=tok.eos_token_id)
 
 KV cache layout (transformers' `StaticCache`, preallocated and indexed by slot): row b's committed
 tokens occupy slots [0, ctx_b). A step writes the packed tree of every row at the shared slots
@@ -19,9 +18,7 @@ rejected draft costs nothing but a pointer that does not move.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,9 +26,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from eval.beam import REFERENCE_TOP_LOGITS, draft
 from eval.metrics import DecodeStats
-from eval.ngram import history, lookup_paths
 from eval.tree import Tree, pack_tree
 from pipeline.support import attention_windows, output_logits
 
@@ -244,12 +239,19 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
                        tokens_BT, len_B)
 
 
-def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """ONE base forward over every row's packed tree; returns (hidden_BPD, logits_BPV, write_at)."""
+def tree_inputs(model, state: DecodeState, tree: Tree):
+    """(position_ids_BP, attention masks, write_at) of the forward over `tree`: positions = context
+    length + depth; the tree is written at the shared slots from write_at = max_b ctx_b."""
     write_at = int(state.ctx_B.max())
-    position_ids_BP = state.ctx_B[:, None] + tree.depth_BP  # context length + depth
+    position_ids_BP = state.ctx_B[:, None] + tree.depth_BP
     masks = attention_masks(model, state.ctx_B, tree.tree_mask_BPP, position_ids_BP, write_at,
                             state.cache.get_max_length())
+    return position_ids_BP, masks, write_at
+
+
+def forward_tree(model, state: DecodeState, tree: Tree) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ONE base forward over every row's packed tree; returns (hidden_BPD, logits_BPV, write_at)."""
+    position_ids_BP, masks, write_at = tree_inputs(model, state, tree)
     hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, masks, write_at)
     return hidden_BPD, logits_BPV, write_at
 
@@ -369,15 +371,7 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step,
 
 def plain_step(model, state: DecodeState, stats: DecodeStats, pick_next: Callable = argmax_token) -> None:
     """One token per row per forward: g0 goes in, the next g0 (`pick_next` of its logits) comes out."""
-    B, device = state.g0_B.shape[0], state.g0_B.device
-    g0_B1 = state.g0_B[:, None]
-    zeros_B1 = torch.zeros_like(g0_B1)
-    tree = Tree(g0_B1, zeros_B1, torch.ones(B, 1, 1, dtype=torch.bool, device=device), zeros_B1[:, :, None],
-                torch.ones(B, dtype=torch.long, device=device))
-    hidden_B1D, logits_B1V, write_at = forward_tree(model, state, tree)
-    acc = Acceptance(zeros_B1[:, 0], zeros_B1[:, 0], g0_B1, zeros_B1, pick_next(logits_B1V[:, 0]), hidden_B1D[:, 0])
-    active_B = commit(state, acc, write_at)
-    stats.record([0] * int(active_B.sum()), [1] * int(active_B.sum()))
+    run_step(model, PlainProposer(), NextToken(pick_next), state, stats)
 
 
 def plain_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
@@ -386,70 +380,87 @@ def plain_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token
                    lambda state, stats: plain_step(model, state, stats), DecodeStats(1, 1), step_slots=2)
 
 
-class SpeculativeDecoder:
-    """temperature 0: greedy, output identical to `plain_greedy`. temperature > 0: sampling
-    (eval/sampling.py), lossless by default; `reference_compatible=True` uses the reference's
-    acceptance rule instead, which is NOT lossless."""
+# ---- the one step skeleton (docs/design.md §3.1) ---------------------------------------------
 
-    def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
-                 temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS,
-                 ngram: int = 0):
-        if beam_width < 1 or beam_length < 1:
-            raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
-        if beam_width > model.config.vocab_size:
-            raise ValueError(f"beam_width {beam_width} exceeds the vocabulary size {model.config.vocab_size}")
-        if not temperature >= 0.0:  # also rejects nan
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if reference_compatible and temperature == 0.0:
-            warnings.warn("reference_compatible only changes sampling (temperature > 0); ignored at temperature 0")
-        self.model, self.drafter = model, drafter
-        self.beam_width, self.beam_length = beam_width, beam_length
-        self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
-        self.temperature, self.reference_compatible = temperature, reference_compatible
-        self.top_logits = top_logits  # the beam search's logit processing (eval/beam.py reference_logits)
-        # Hybrid drafting (docs/design.md §3.3): ngram = N > 0 adds one prompt-lookup path (the text's last
-        # 1..N tokens matched earlier in prompt + output) to the drafter's beams in the same packed tree.
-        if ngram < 0:
-            raise ValueError(f"ngram must be >= 0 (0 = drafter beams only), got {ngram}")
-        if ngram and temperature > 0.0:
-            raise ValueError("hybrid drafting (ngram > 0) is greedy only: use temperature 0")
-        self.ngram = ngram
-        self.num_paths = beam_width + (1 if ngram else 0)
+@dataclass
+class Proposal:
+    paths_BWL: torch.Tensor  # candidate paths, [..., 0] == g0; L counts g0 (reference convention)
+    q_BWKV: torch.Tensor | None = None  # what drew draft k of each path (sampling verifiers); None if unused
+    # sampling: paths that are trials of the rejection sampling (False: a placeholder copy, never a trial)
+    candidate_BW: torch.Tensor | None = None
 
-    def step(self, state: DecodeState, stats: DecodeStats, generator: torch.Generator | None = None) -> None:
-        if self.temperature > 0.0:
-            from eval.sampling import sampled_step  # eval.sampling imports this module: import at call time
-            return sampled_step(self, state, stats, generator)
-        W, L = self.beam_width, self.beam_length
-        # Greedy verification needs no drafter probabilities: skip keeping them.
-        beams = draft(self.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=False, top_logits=self.top_logits)
-        paths_BWL = beams.tokens_BWL
-        if self.ngram:
-            lookup_BL, found_B = lookup_paths(*history(state), L, max_ngram=self.ngram)
-            # No match: repeat beam 0, which packing shares for free. Last in the tree, so on equal
-            # acceptance the drafter's beam is the one chosen.
-            lookup_BL = torch.where(found_B[:, None], lookup_BL, paths_BWL[:, 0])
-            paths_BWL = torch.cat([paths_BWL, lookup_BL[:, None]], dim=1)
-        tree = pack_tree(paths_BWL, dedup=self.tree_attention)
-        hidden_BPD, logits_BPV, write_at = forward_tree(self.model, state, tree)
-        accept_len_BW, pred_BWL = verify(logits_BPV, paths_BWL, tree.unpacker_BWL)
-        acc = accept(accept_len_BW, pred_BWL, paths_BWL, tree.unpacker_BWL, hidden_BPD)
-        active_B = commit(state, acc, write_at)
-        stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
-        if self.ngram:  # steps where the lookup path alone accepted the most
-            stats.lookup_wins += int((acc.beam_B == W)[active_B].sum())
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
-                 generator: torch.Generator | None = None) -> GenerationResult:
-        """`generator` drives every random draw when temperature > 0 (None: torch's global RNG)."""
-        stats = DecodeStats(self.num_paths, self.beam_length)
-        pick_next = argmax_token
-        if self.temperature > 0.0:
-            from eval.sampling import sample_from_logits  # see step()
-            pick_next = functools.partial(sample_from_logits, temperature=self.temperature, generator=generator)
-        elif generator is not None:
-            warnings.warn("generator is ignored at temperature 0 (greedy decoding draws nothing)")
-        # A step uses at most W * L packed slots; a row may overshoot max_new_tokens by L - 1.
-        return _decode(self.model, prompts, max_new_tokens, eos_token_id,
-                       lambda state, stats: self.step(state, stats, generator), stats,
-                       step_slots=self.num_paths * self.beam_length + self.beam_length, pick_next=pick_next)
+class Proposer:
+    """Makes a step's candidate paths: drafter beams (eval/beam.py), sampled drafter chains
+    (eval/sampling.py), a prompt-lookup path beside either (eval/ngram.py), lookahead's pooled n-grams
+    with its Jacobi window (eval/lookahead.py), or g0 alone (plain decoding)."""
+
+    def propose(self, state: DecodeState) -> Proposal:
+        raise NotImplementedError
+
+    def pack(self, proposal: Proposal, dedup: bool) -> Tree:
+        """The tree the forward runs over (shared prefixes once); lookahead adds its window here."""
+        return pack_tree(proposal.paths_BWL, dedup=dedup)
+
+    def observe(self, state: DecodeState, acc: Acceptance, logits_BPV: torch.Tensor, tree: Tree,
+                active_B: torch.Tensor, stats: DecodeStats) -> None:
+        """After the commit: what the proposer learns from the forward (lookahead's pool, lookup wins)."""
+
+
+class PlainProposer(Proposer):
+    def propose(self, state: DecodeState) -> Proposal:
+        return Proposal(state.g0_B[:, None, None])
+
+    def pack(self, proposal: Proposal, dedup: bool) -> Tree:  # the one-token tree, built directly
+        g0_B1 = proposal.paths_BWL[:, 0]
+        zeros_B1 = torch.zeros_like(g0_B1)
+        B = g0_B1.shape[0]
+        return Tree(g0_B1, zeros_B1, torch.ones(B, 1, 1, dtype=torch.bool, device=g0_B1.device), zeros_B1[:, :, None],
+                    torch.ones(B, dtype=torch.long, device=g0_B1.device))
+
+
+def greedy_verifier(proposal: Proposal, tree: Tree, logits_BPV: torch.Tensor, hidden_BPD: torch.Tensor) -> Acceptance:
+    """Greedy verification: the longest prefix equal to the base model's argmax chain (lossless)."""
+    accept_len_BW, pred_BWL = verify(logits_BPV, proposal.paths_BWL, tree.unpacker_BWL)
+    return accept(accept_len_BW, pred_BWL, proposal.paths_BWL, tree.unpacker_BWL, hidden_BPD)
+
+
+class NextToken:
+    """The plain 'verifier': nothing to verify, the next g0 is `pick_next` of the logits after g0."""
+
+    def __init__(self, pick_next: Callable = argmax_token):
+        self.pick_next = pick_next
+
+    def __call__(self, proposal: Proposal, tree: Tree, logits_BPV: torch.Tensor, hidden_BPD: torch.Tensor) -> Acceptance:
+        zeros_B = torch.zeros_like(proposal.paths_BWL[:, 0, 0])
+        return Acceptance(zeros_B, zeros_B, proposal.paths_BWL[:, 0], zeros_B[:, None], self.pick_next(logits_BPV[:, 0]),
+                          hidden_BPD[:, 0])
+
+
+class _NoClock:
+    def lap(self, phase: str) -> None:
+        pass
+
+
+NO_CLOCK = _NoClock()
+STEP_PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
+
+
+def run_step(model, proposer: Proposer, verifier: Callable, state: DecodeState, stats: DecodeStats,
+             dedup: bool = True, clock=NO_CLOCK) -> None:
+    """THE decoding step, for every method of the repo: propose -> pack -> ONE base forward -> verify ->
+    commit. `clock.lap(phase)` after each phase (STEP_PHASES) lets eval/profile.py time this very step."""
+    proposal = proposer.propose(state)
+    clock.lap("drafter")
+    tree = proposer.pack(proposal, dedup)
+    position_ids_BP, masks, write_at = tree_inputs(model, state, tree)
+    clock.lap("packing")
+    hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, masks, write_at)
+    clock.lap("base_forward")
+    acc = verifier(proposal, tree, logits_BPV, hidden_BPD)
+    clock.lap("acceptance")
+    active_B = commit(state, acc, write_at)
+    stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+    clock.lap("cache_bookkeeping")
+    proposer.observe(state, acc, logits_BPV, tree, active_B, stats)
+    clock.lap("drafter")

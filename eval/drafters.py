@@ -19,15 +19,16 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
-from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.decoder import plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import cost_ratio, profile_decoder
+from eval.speculative import SpeculativeDecoder
 from pipeline.base_model import load_base_model
-from pipeline.config import Config
+from pipeline.config import Config, load_run_config
+from pipeline.layout import RunLayout
 
 
 def parse_args(argv=None):
@@ -46,7 +47,7 @@ def parse_args(argv=None):
 
 
 def _base_hash(run_dir: Path) -> str:
-    path = run_dir / "teacher" / "manifest.json"
+    path = RunLayout(run_dir).teacher_manifest
     if not path.is_file():
         raise ValueError(f"{run_dir}: no teacher manifest ({path}); is it a pipeline run directory?")
     return json.loads(path.read_text())["base_model_hash"]
@@ -59,15 +60,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     runs = [d.resolve() for d in args.run_dirs]
     for d in runs:
-        if not (d / "train" / "drafter" / "drafter.safetensors").is_file():
+        if not (RunLayout(d).drafter / "drafter.safetensors").is_file():
             raise SystemExit(f"error: {d} holds no trained drafter (train/drafter/drafter.safetensors)")
     hashes = {d.name: _base_hash(d) for d in runs}
     if len(set(hashes.values())) != 1:
         raise SystemExit(f"error: the drafters were trained for different base models: {hashes}")
     if len({d.name for d in runs}) != len(runs):
         raise SystemExit("error: run directories must have distinct names (they label the methods)")
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
-                                                      OmegaConf.load(runs[0] / "resolved_config.yaml")))
+    cfg: Config = load_run_config(runs[0])
     model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
     W, L = args.width or cfg.eval.beam_width, args.length or cfg.eval.beam_length
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
                              args.num_prompts, cfg.eval.seed)
     prompts = with_model_answers(prompts, model, tok, args.max_new_tokens or cfg.eval.max_new_tokens,
                                  cfg.data.max_prompt_tokens)
-    drafters = {d.name: load_trained_drafter(d / "train" / "drafter", model, model.dtype) for d in runs}
+    drafters = {d.name: load_trained_drafter(RunLayout(d).drafter, model, model.dtype) for d in runs}
     decoders = {name: SpeculativeDecoder(model, dr, beam_width=W, beam_length=L) for name, dr in drafters.items()}
     methods = {"plain": lambda b: plain_greedy(model, b, n, eos)}
     methods.update({name: (lambda b, dec=dec: dec.generate(b, n, eos)) for name, dec in decoders.items()})
@@ -88,8 +88,8 @@ def main(argv=None) -> dict:
               "plain_tokens_per_s": results["plain"]["tokens_per_s"], "drafters": {}}
     for d in runs:
         name = d.name
-        metrics = json.loads((d / "train" / "drafter" / "train_metrics.json").read_text())
-        arch = json.loads((d / "train" / "drafter" / "arch.json").read_text())
+        metrics = json.loads((RunLayout(d).drafter / "train_metrics.json").read_text())
+        arch = json.loads((RunLayout(d).drafter / "arch.json").read_text())
         final = metrics.get("final", {})
         r = results[name]
         entry = {

@@ -16,7 +16,13 @@ from safetensors.torch import load_file
 
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, only_numerical_ties, plain_greedy
+from eval.decoder import (
+    compile_base,
+    first_divergence,
+    only_numerical_ties,
+    plain_greedy,
+)
+from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import DataConfig, EvalConfig, ModelConfig
@@ -139,12 +145,14 @@ def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, inc
     def seeded():
         return torch.Generator(device=model.device).manual_seed(eval_cfg.seed)
 
-    def spec(d):
+    def spec(d, ngram=0):
         dec = SpeculativeDecoder(model, d, W, L, temperature=T, reference_compatible=eval_cfg.reference_compatible,
-                                 top_logits=eval_cfg.beam_top_logits)
+                                 top_logits=eval_cfg.beam_top_logits, ngram=ngram)
         return lambda b: dec.generate(b, n, eos, generator=seeded())
 
     methods = {"plain": lambda b: plain_sample(model, b, n, eos, T, generator=seeded()), "redrafter": spec(drafter)}
+    if eval_cfg.hybrid_ngram:
+        methods["hybrid"] = spec(drafter, eval_cfg.hybrid_ngram)
     if incumbent is not None:
         methods["incumbent"] = spec(incumbent)
     return methods

@@ -35,7 +35,17 @@ from dataclasses import dataclass
 
 import torch
 
-from eval.decoder import DecodeState, GenerationResult, _decode, accept, check_prompts, commit, forward_tree, verify
+from eval.decoder import (
+    Acceptance,
+    DecodeState,
+    GenerationResult,
+    Proposal,
+    Proposer,
+    _decode,
+    check_prompts,
+    greedy_verifier,
+    run_step,
+)
 from eval.metrics import DecodeStats
 from eval.tree import Tree, pack_tree
 
@@ -151,20 +161,7 @@ class LookaheadDecoder:
         return torch.tensor(rows, device=g0_B.device)
 
     def step(self, state: DecodeState, stats: DecodeStats, la: LookaheadState) -> None:
-        active_B = ~state.done_B
-        la.window_BLW[:, 0, 0] = state.g0_B
-        beams_BGN = self.candidates(la, state.g0_B, active_B)
-        verification = pack_tree(beams_BGN)
-        tree = pack_lookahead(verification, la.window_BLW)
-        hidden_BPD, logits_BPV, write_at = forward_tree(self.model, state, tree)
-        accept_len_BG, pred_BGN = verify(logits_BPV, beams_BGN, tree.unpacker_BWL)
-        acc = accept(accept_len_BG, pred_BGN, beams_BGN, tree.unpacker_BWL, hidden_BPD)
-        last_level_W = window_slots(self.ngram - 1, self.window, verification.size)[-1].to(logits_BPV.device)
-        iterates_BW = logits_BPV[:, last_level_W].argmax(-1)  # next Jacobi iterates, positions ctx + N - 1 + j
-        num_before_B = state.num_new_B
-        commit(state, acc, write_at)
-        stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
-        self.update(la, iterates_BW, active_B, state, num_before_B)
+        run_step(self.model, LookaheadProposer(self, la), greedy_verifier, state, stats)
 
     def update(self, la: LookaheadState, iterates_BW: torch.Tensor, active_B: torch.Tensor, state: DecodeState,
                num_before_B: torch.Tensor) -> None:
@@ -189,18 +186,43 @@ class LookaheadDecoder:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
         check_prompts(prompts)
-        la: list[LookaheadState] = []  # built at the first step, inside _decode's timed region
+        la: list[LookaheadProposer] = []  # built at the first step, inside _decode's timed region
 
         def step(state: DecodeState, stats: DecodeStats) -> None:
             if not la:
-                la.append(self.init_state(prompts))
-            self.step(state, stats, la[0])
+                la.append(LookaheadProposer(self, self.init_state(prompts)))
+            run_step(self.model, la[0], greedy_verifier, state, stats)
 
         # A step packs at most 1 + G (N-1) verification + (N-1) W - 1 window tokens; a row may overshoot
         # max_new_tokens by N - 1.
         step_slots = (self.guess_set_size + self.window) * (self.ngram - 1) + self.ngram
         return _decode(self.model, prompts, max_new_tokens, eos_token_id, step,
                        DecodeStats(self.guess_set_size, self.ngram), step_slots)
+
+
+class LookaheadProposer(Proposer):
+    """Lookahead as a proposer of the step skeleton (eval/decoder.py run_step): the pooled n-grams under
+    g0 are the paths; the Jacobi window is packed beside their tree; after the commit the window's
+    outputs feed the pool and the window moves."""
+
+    def __init__(self, decoder: LookaheadDecoder, la: LookaheadState):
+        self.decoder, self.la = decoder, la
+
+    def propose(self, state: DecodeState) -> Proposal:
+        self.la.window_BLW[:, 0, 0] = state.g0_B
+        self.num_before_B = state.num_new_B
+        return Proposal(self.decoder.candidates(self.la, state.g0_B, ~state.done_B))
+
+    def pack(self, proposal: Proposal, dedup: bool) -> Tree:
+        self.verification = pack_tree(proposal.paths_BWL, dedup=dedup)
+        return pack_lookahead(self.verification, self.la.window_BLW)
+
+    def observe(self, state: DecodeState, acc: Acceptance, logits_BPV: torch.Tensor, tree: Tree,
+                active_B: torch.Tensor, stats: DecodeStats) -> None:
+        d = self.decoder
+        last_level_W = window_slots(d.ngram - 1, d.window, self.verification.size)[-1].to(logits_BPV.device)
+        iterates_BW = logits_BPV[:, last_level_W].argmax(-1)  # next Jacobi iterates, positions ctx + N - 1 + j
+        d.update(self.la, iterates_BW, active_B, state, self.num_before_B)
 
 
 def lookahead_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,

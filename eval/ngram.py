@@ -13,12 +13,11 @@ sync (the candidate is a gather at an argmax), so the step stays capturable.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from eval.decoder import DecodeState
+from eval.decoder import Acceptance, DecodeState, Proposal, Proposer
+from eval.metrics import DecodeStats
+from eval.tree import Tree
 
 
 def history(state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +63,45 @@ def lookup_paths(seq_BC: torch.Tensor, end_B: torch.Tensor, length: int, max_ngr
         found_B |= take_B
     cont_BK = seq_BC.gather(1, (start_B[:, None] + torch.arange(length - 1, device=device)).clamp(max=C - 1))
     return torch.cat([g0_B[:, None], cont_BK], dim=1), found_B
+
+
+def point_mass(tokens_BK: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """q of a deterministic draft: probability 1 on the drafted token."""
+    return torch.nn.functional.one_hot(tokens_BK, vocab_size).to(dtype)
+
+
+class LookupProposer(Proposer):
+    """Hybrid drafting: `inner`'s paths (the drafter's beams or sampled chains) plus ONE prompt-lookup
+    path of the same length, last in the tree, so on equal greedy acceptance the drafter's path is the
+    one kept. A row with no match repeats inner path 0, which tree packing shares for free.
+
+    Sampling (inner paths with their q): the lookup path is a deterministic draft, i.e. a draw from the
+    point mass q = one_hot(x) at each depth, independent of the drafter's chains (it is a function of
+    the committed text alone). Recursive rejection sampling (eval/sampling.py, lemma (a)) holds for ANY
+    proposal law, and its multi-candidate form (b) for independent candidates with different laws, taken
+    in order: rejection of candidate i depends only on (x_i, u_i), so later candidates keep their laws.
+    With q = one_hot(x) the test accepts x with probability min(1, r(x) / 1) = r(x), and a rejection
+    leaves the residual r with x removed, renormalized. So a lookup token at a node is just one more
+    trial there, and the committed tokens keep the law of plain sampling. A no-match row's placeholder
+    (a copy of chain 0, NOT independent of it) is excluded from the trials (`candidate_BW`)."""
+
+    def __init__(self, inner: Proposer, max_ngram: int):
+        self.inner, self.max_ngram = inner, max_ngram
+
+    def propose(self, state: DecodeState) -> Proposal:
+        inner = self.inner.propose(state)
+        paths_BWL = inner.paths_BWL
+        lookup_BL, found_B = lookup_paths(*history(state), paths_BWL.shape[-1], max_ngram=self.max_ngram)
+        lookup_BL = torch.where(found_B[:, None], lookup_BL, paths_BWL[:, 0])
+        paths_BWL = torch.cat([paths_BWL, lookup_BL[:, None]], dim=1)
+        if inner.q_BWKV is None:  # greedy: a placeholder copy is harmless (verification is exact)
+            return Proposal(paths_BWL)
+        point_BKV = point_mass(lookup_BL[:, 1:], inner.q_BWKV.shape[-1], inner.q_BWKV.dtype)
+        q_BWKV = torch.cat([inner.q_BWKV, point_BKV[:, None]], dim=1)
+        candidate_BW = torch.cat([torch.ones_like(paths_BWL[:, :-1, 0], dtype=torch.bool), found_B[:, None]], dim=1)
+        return Proposal(paths_BWL, q_BWKV, candidate_BW)
+
+    def observe(self, state: DecodeState, acc: Acceptance, logits_BPV: torch.Tensor, tree: Tree,
+                active_B: torch.Tensor, stats: DecodeStats) -> None:
+        lookup = tree.unpacker_BWL.shape[1] - 1  # the last path; it wins only where it beat every other
+        stats.lookup_wins += int((acc.beam_B == lookup)[active_B].sum())

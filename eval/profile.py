@@ -1,4 +1,5 @@
-"""Where a greedy speculative step spends its time: the decoder's own building blocks, timed one by one.
+"""Where a greedy speculative step spends its time: the decoder's own step (eval/decoder.py run_step),
+timed phase by phase through its clock hook, so the profile cannot drift from what the eval runs.
 
     python -m eval.bench --run-dir outputs/tiny      # prints this breakdown for the best (W, L)
 
@@ -15,12 +16,11 @@ from collections import defaultdict
 
 import torch
 
-from eval.beam import draft
-from eval.decoder import DecodeState, SpeculativeDecoder, accept, attention_masks, base_forward, commit, prefill, verify
+from eval.decoder import STEP_PHASES, plain_greedy, prefill
 from eval.metrics import DecodeStats
-from eval.tree import pack_tree
+from eval.speculative import SpeculativeDecoder
 
-PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
+PHASES = STEP_PHASES
 
 
 class _Clock:
@@ -37,43 +37,22 @@ class _Clock:
         self.t = now
 
 
-def _profiled_step(dec: SpeculativeDecoder, state: DecodeState, stats: DecodeStats, clock: _Clock) -> None:
-    beams = draft(dec.drafter, state.h_BD, state.g0_B, dec.beam_width, dec.beam_length, keep_log_probs=False,
-                  top_logits=dec.top_logits)
-    clock.lap("drafter")
-    tree = pack_tree(beams.tokens_BWL, dedup=dec.tree_attention)
-    write_at = int(state.ctx_B.max())
-    position_ids_BP = state.ctx_B[:, None] + tree.depth_BP
-    bias = attention_masks(dec.model, state.ctx_B, tree.tree_mask_BPP, position_ids_BP, write_at,
-                           state.cache.get_max_length())
-    clock.lap("packing")
-    hidden_BPD, logits_BPV = base_forward(dec.model, state.cache, tree.tokens_BP, position_ids_BP, bias, write_at)
-    clock.lap("base_forward")
-    accept_len_BW, pred_BWL = verify(logits_BPV, beams.tokens_BWL, tree.unpacker_BWL)
-    acc = accept(accept_len_BW, pred_BWL, beams.tokens_BWL, tree.unpacker_BWL, hidden_BPD)
-    clock.lap("acceptance")
-    active_B = commit(state, acc, write_at)
-    stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
-    clock.lap("cache_bookkeeping")
-
-
 @torch.inference_mode()
 def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: int,
                     eos_token_id: int | None) -> dict:
     """Per-phase milliseconds per step (and share of the step) over greedy decoding of `prompts`,
     one prompt at a time, plus the plain greedy step time on the same prompts for reference."""
     clock = _Clock(dec.model.device)
-    stats = DecodeStats(dec.beam_width, dec.beam_length)
+    stats = DecodeStats(dec.num_paths, dec.beam_length)
     steps = 0
-    slots = dec.beam_width * dec.beam_length + dec.beam_length
+    slots = dec.num_paths * dec.beam_length + dec.beam_length
     plain_seconds, plain_steps = 0.0, 0
-    from eval.decoder import plain_greedy
 
     for prompt in prompts:
         state = prefill(dec.model, [prompt], len(prompt) + max_new_tokens + slots, max_new_tokens, eos_token_id)
         clock.lap("prefill")
         while not bool(state.done_B.all()):
-            _profiled_step(dec, state, stats, clock)
+            dec.step(state, stats, clock=clock)  # the decoder's own step, timed phase by phase
             steps += 1
         plain = plain_greedy(dec.model, [prompt], max_new_tokens, eos_token_id)
         plain_seconds += plain.seconds

@@ -61,11 +61,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eval.beam import _param_dtype, draft, vocab_logits
-from eval.decoder import (Acceptance, DecodeState, GenerationResult, _decode, commit, forward_tree,
-                          plain_step)
+from eval.beam import _param_dtype, vocab_logits
+from eval.decoder import (
+    Acceptance,
+    DecodeState,
+    GenerationResult,
+    Proposal,
+    Proposer,
+    _decode,
+    plain_step,
+)
 from eval.metrics import DecodeStats
-from eval.tree import pack_tree
+from eval.tree import Tree
 
 
 @dataclass
@@ -136,13 +143,18 @@ def sample_chains(drafter, h_BH: torch.Tensor, g0_B: torch.Tensor, num_chains: i
 
 
 def accept_tree(tokens_BWL: torch.Tensor, q_BWKV: torch.Tensor, logits_BPV: torch.Tensor,
-                unpacker_BWL: torch.Tensor, temperature: float, generator: torch.Generator | None) -> Choice:
+                unpacker_BWL: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                candidate_BW: torch.Tensor | None = None) -> Choice:
     """Multi-draft recursive rejection sampling over the packed tree (module docstring, steps 2 and
-    (a)-(d)). Vectorized over rows; loops over depth k and over the W candidates."""
+    (a)-(d)). Vectorized over rows; loops over depth k and over the W candidates. Each chain is tested
+    with its own q, so independent candidates of different laws mix (hybrid drafting's point masses,
+    eval/ngram.py); chains with candidate_BW False are never trials."""
     B, W, L = tokens_BWL.shape
     rows_B = torch.arange(B, device=tokens_BWL.device)
     chain_B = torch.zeros(B, dtype=torch.long, device=tokens_BWL.device)  # any chain through the node
     through_BW = torch.ones(B, W, dtype=torch.bool, device=tokens_BWL.device)  # chains through the node
+    if candidate_BW is not None:
+        through_BW &= candidate_BW
     going_B = torch.ones(B, dtype=torch.bool, device=tokens_BWL.device)  # every draft so far accepted
     num_accepted_B = torch.zeros_like(chain_B)
     bonus_B = torch.zeros_like(chain_B)
@@ -152,7 +164,7 @@ def accept_tree(tokens_BWL: torch.Tensor, q_BWKV: torch.Tensor, logits_BPV: torc
         accepted_B = torch.zeros_like(going_B)
         for w in range(W):
             x_B = tokens_BWL[:, w, k]
-            q_BV = q_BWKV[:, w, k - 1]  # the q that drew x (equal for every chain through the node)
+            q_BV = q_BWKV[:, w, k - 1]  # the q that drew x (a drafter chain's, or a lookup path's point mass)
             trial_B = going_B & through_BW[:, w] & ~accepted_B
             ratio_B = r_BV.gather(1, x_B[:, None])[:, 0] / q_BV.gather(1, x_B[:, None])[:, 0]
             ok_B = trial_B & (uniform(B, x_B, generator) < ratio_B)  # u in [0, 1): P = min(1, ratio)
@@ -195,25 +207,36 @@ def accept_reference(tokens_BWL: torch.Tensor, log_q_BWKV: torch.Tensor, logits_
 
 # ---- decoding ---------------------------------------------------------------------------------
 
-def sampled_step(decoder, state: DecodeState, stats: DecodeStats, generator: torch.Generator | None) -> None:
-    """One speculative step at decoder.temperature > 0 (called by SpeculativeDecoder.step)."""
-    W, L, T = decoder.beam_width, decoder.beam_length, decoder.temperature
-    if decoder.reference_compatible:
-        beams = draft(decoder.drafter, state.h_BD, state.g0_B, W, L, keep_log_probs=True, top_logits=decoder.top_logits)
-        tokens_BWL, q_BWKV = beams.tokens_BWL, beams.log_probs_BWKV
-    else:
-        chains = sample_chains(decoder.drafter, state.h_BD, state.g0_B, W, L, T, generator)
-        tokens_BWL, q_BWKV = chains.tokens_BWL, chains.q_BWKV
-    tree = pack_tree(tokens_BWL, dedup=decoder.tree_attention)
-    hidden_BPD, logits_BPV, write_at = forward_tree(decoder.model, state, tree)
-    rule = accept_reference if decoder.reference_compatible else accept_tree
-    choice = rule(tokens_BWL, q_BWKV, logits_BPV, tree.unpacker_BWL, T, generator)
-    rows_B = torch.arange(tokens_BWL.shape[0], device=tokens_BWL.device)
-    path_BL = tree.unpacker_BWL[rows_B, choice.chain_B]
-    acc = Acceptance(choice.chain_B, choice.num_accepted_B, tokens_BWL[rows_B, choice.chain_B], path_BL,
-                     choice.bonus_B, hidden_BPD[rows_B, path_BL[rows_B, choice.num_accepted_B]])
-    active_B = commit(state, acc, write_at)
-    stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+class ChainProposer(Proposer):
+    """The lossless sampling mode's proposal: W independent drafter chains at temperature T (step 1)."""
+
+    def __init__(self, drafter, num_chains: int, chain_length: int, temperature: float,
+                 generator: torch.Generator | None):
+        self.drafter, self.num_chains, self.chain_length = drafter, num_chains, chain_length
+        self.temperature, self.generator = temperature, generator
+
+    def propose(self, state: DecodeState) -> Proposal:
+        chains = sample_chains(self.drafter, state.h_BD, state.g0_B, self.num_chains, self.chain_length,
+                               self.temperature, self.generator)
+        return Proposal(chains.tokens_BWL, chains.q_BWKV)
+
+
+class SamplingVerifier:
+    """`accept_tree` (lossless; with ChainProposer) or `accept_reference` (the reference rule; with the
+    beams and their log-probabilities) as a verifier of the step skeleton (eval/decoder.py run_step)."""
+
+    def __init__(self, rule, temperature: float, generator: torch.Generator | None):
+        self.rule, self.temperature, self.generator = rule, temperature, generator
+
+    def __call__(self, proposal: Proposal, tree: Tree, logits_BPV: torch.Tensor, hidden_BPD: torch.Tensor) -> Acceptance:
+        tokens_BWL = proposal.paths_BWL
+        extra = {} if proposal.candidate_BW is None else {"candidate_BW": proposal.candidate_BW}
+        choice = self.rule(tokens_BWL, proposal.q_BWKV, logits_BPV, tree.unpacker_BWL, self.temperature,
+                           self.generator, **extra)
+        rows_B = torch.arange(tokens_BWL.shape[0], device=tokens_BWL.device)
+        path_BL = tree.unpacker_BWL[rows_B, choice.chain_B]
+        return Acceptance(choice.chain_B, choice.num_accepted_B, tokens_BWL[rows_B, choice.chain_B], path_BL,
+                          choice.bonus_B, hidden_BPD[rows_B, path_BL[rows_B, choice.num_accepted_B]])
 
 
 def plain_sample(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,

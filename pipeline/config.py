@@ -75,6 +75,10 @@ class TeacherConfig:
     shard_size: int = 64  # prompts per shard (the unit of resume)
     # storage of hidden states: float16, bfloat16, float32, float8_e4m3 (layouts: pipeline/shards.py)
     hidden_dtype: str = "float16"
+    # what generates the responses (teacher.responses=generate): "hf" = transformers' batched generate().
+    # The seam for a serving engine (pipeline/teacher.py ENGINES); the recording pass is always one batched
+    # forward over prompt + response.
+    engine: str = "hf"
 
 
 @dataclass
@@ -142,7 +146,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: list(TRAINING_FREE))  # training-free
     # hybrid drafting (docs/design.md §3.3): N > 0 also measures "hybrid", the drafter's beams plus one
     # prompt-lookup path (the last 1..N tokens matched in prompt + output) verified in the same forward;
-    # greedy only. The gate still judges the drafter alone ("redrafter"), which is what serving stacks run.
+    # greedy or lossless sampling. The gate still judges the drafter alone ("redrafter"), which is what serving stacks run.
     hybrid_ngram: int = 0
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
@@ -252,6 +256,7 @@ _CHOICES = {
     "data.chat_template": ("auto", "always", "never"),
     "teacher.hidden_dtype": ("float16", "bfloat16", "float32", "float8_e4m3"),
     "teacher.responses": ("generate", "corpus"),
+    "teacher.engine": ("hf",),  # pipeline/teacher.py ENGINES
     "train.precision": ("fp32", "bf16"),
     "train.objective": ("kl", "ce"),
     "eval.device": ("cpu", "cuda"),
@@ -274,8 +279,9 @@ def _value_problems(cfg: Config) -> list[str]:
             p.append(f"bad value in 'eval.baselines': {b!r}; baselines are {', '.join(TRAINING_FREE)}")
     if cfg.eval.hybrid_ngram < 0:
         p.append(f"bad value for 'eval.hybrid_ngram': {cfg.eval.hybrid_ngram}; use 0 (off) or the longest n-gram to match")
-    elif cfg.eval.hybrid_ngram and cfg.eval.temperature > 0:
-        p.append("'eval.hybrid_ngram' is greedy only: set it to 0 or eval.temperature to 0")
+    elif cfg.eval.hybrid_ngram and cfg.eval.temperature > 0 and cfg.eval.reference_compatible:
+        p.append("'eval.hybrid_ngram' works with greedy decoding and lossless sampling, not with "
+                 "'eval.reference_compatible': set one of them off")
     if cfg.gate.beat_training_free and not cfg.eval.baselines:
         p.append("'gate.beat_training_free' needs at least one entry in 'eval.baselines'")
     for s in cfg.run.stages:
@@ -415,6 +421,16 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a pipeline run wrote into its directory (pipeline/layout.py)."""
+    from pipeline.layout import RunLayout
+
+    path = RunLayout(Path(run_dir)).resolved_config
+    if not path.is_file():
+        raise ConfigError([f"{run_dir} holds no {path.name}: is it a pipeline run directory (outputs/<run.name>)?"])
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
 
 
 def section_from_dict(schema: type, data: dict) -> Any:

@@ -152,7 +152,11 @@ def check_export(export_dir: Path, base_model: str, prompt: str = "The quick bro
     import torch
     from safetensors import safe_open
 
-    from pipeline.base_model import base_model_fingerprint, input_embeddings, load_base_model
+    from pipeline.base_model import (
+        base_model_fingerprint,
+        input_embeddings,
+        load_base_model,
+    )
     from pipeline.config import ModelConfig
     from pipeline.export import arch_from_export_config, expected_tensors, load_exported
     from pipeline.lineage import sha256_file
@@ -205,8 +209,8 @@ def check_export(export_dir: Path, base_model: str, prompt: str = "The quick bro
     if problems:
         return problems
     # smoke test: the exported drafter drafts for this base model and the output is plain greedy's
-    from eval.decoder import SpeculativeDecoder, plain_greedy
-
+    from eval.decoder import plain_greedy
+    from eval.speculative import SpeculativeDecoder
     drafter = load_exported(drafter_dir, input_embeddings(model), torch.float32)
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     with torch.no_grad():

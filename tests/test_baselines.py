@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import eval.lookahead as lookahead_module
+import eval.decoder as decoder_module
 from eval.baselines import assisted_steps, lookahead_generate, prompt_lookup_generate
 from eval.decoder import prefill
 from eval.lookahead import LookaheadDecoder, NgramPool, pack_lookahead
@@ -105,7 +105,7 @@ def test_packed_logits_equal_plain_forward_over_visible_sequence(impl):
         window[:, 0, 0] = g0
         verification = pack_tree(beams)  # row 0 packs 6 tokens, row 1 (a duplicated beam) 4 + 2 pads
         tree = pack_lookahead(verification, window)
-        _, logits_BPV, _ = lookahead_module.forward_tree(model, state, tree)
+        _, logits_BPV, _ = decoder_module.forward_tree(model, state, tree)
         for b, prompt in enumerate(prompts):
             for q in range(tree.size):
                 if int(verification.num_packed_B[b]) <= q < verification.size:
@@ -151,13 +151,13 @@ def test_lookahead_batched_ragged_equals_hf_generate(setup, window, ngram, guess
 def test_accepting_one_token_too_many_breaks_equality(setup, monkeypatch):
     """The losslessness check has teeth here too (pool n-grams are accepted on this data)."""
     model, prompts, eos, reference = setup
-    verify = lookahead_module.verify
+    verify = decoder_module.verify  # lookahead verifies through the shared step (eval/decoder.py run_step)
 
     def cheating_verify(logits_BPV, beams_BWL, unpacker_BWL):
         accept_len_BW, pred_BWL = verify(logits_BPV, beams_BWL, unpacker_BWL)
         return (accept_len_BW + 1).clamp(max=beams_BWL.shape[-1] - 1), pred_BWL
 
-    monkeypatch.setattr(lookahead_module, "verify", cheating_verify)
+    monkeypatch.setattr(decoder_module, "verify", cheating_verify)
     assert lookahead_generate(model, prompts, MAX_NEW, eos).tokens != reference
 
 

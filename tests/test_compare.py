@@ -4,7 +4,8 @@ import dataclasses
 
 from data.prompts import Prompt
 from eval.compare import compare, mean_ci95
-from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.decoder import plain_greedy
+from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
+from eval.decoder import compile_base, first_divergence, plain_greedy
+from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch
-from tests.test_decoder import MAX_NEW, V, TableDrafter, make_prompts, seen_bigram_table
+from tests.test_decoder import MAX_NEW, TableDrafter, V, make_prompts, seen_bigram_table
 from tests.test_tree import IMPLS, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
@@ -99,8 +100,18 @@ def test_speculative_sampling_on_cuda_matches_exact_law(monkeypatch):
     """tests/test_sampling.py's chi-square test (N = 4000 rows, alpha = 1e-3) on the GPU, fp32,
     with a CUDA generator; the rule without residual correction must fail the same test there too."""
     import eval.sampling as sampling_module
-    from tests.test_sampling import ALPHA, N_SAMPLES, NUM_TOKENS, PROMPT, T, V as SV, LastTokenDrafter
-    from tests.test_sampling import cell_counts, chi_square_p_value, exact_law
+    from tests.test_sampling import (
+        ALPHA,
+        N_SAMPLES,
+        NUM_TOKENS,
+        PROMPT,
+        LastTokenDrafter,
+        T,
+        cell_counts,
+        chi_square_p_value,
+        exact_law,
+    )
+    from tests.test_sampling import V as SV
 
     model = tiny_llama("sdpa", vocab_size=SV).to(CUDA)
     with torch.no_grad():

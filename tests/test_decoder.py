@@ -18,9 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.decoder as decoder_module
-from eval.decoder import (Acceptance, SpeculativeDecoder, accept, commit, compile_base, first_divergence, plain_greedy,
-                          prefill, verify)
+from eval.decoder import (
+    Acceptance,
+    accept,
+    commit,
+    compile_base,
+    first_divergence,
+    plain_greedy,
+    prefill,
+    verify,
+)
 from eval.metrics import DecodeStats
+from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 

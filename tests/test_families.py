@@ -26,8 +26,9 @@ from transformers import AutoModelForCausalLM
 
 import eval.decoder as decoder_module
 from eval.baselines import prompt_lookup_generate
-from eval.decoder import SpeculativeDecoder, forward_tree, plain_greedy, prefill
+from eval.decoder import forward_tree, plain_greedy, prefill
 from eval.lookahead import LookaheadDecoder
+from eval.speculative import SpeculativeDecoder
 from eval.tree import pack_tree
 from pipeline.config import TeacherConfig
 from pipeline.drafter import build_drafter, make_arch

@@ -13,11 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.decoder import SpeculativeDecoder, plain_greedy, plain_step, prefill
+from eval.decoder import plain_greedy, plain_step, prefill
 from eval.metrics import DecodeStats
 from eval.ngram import history, lookup_paths
-from tests.test_decoder import V, TableDrafter, hf_greedy, make_prompts, random_drafter
-from tests.test_tree import tiny_llama, single_thread  # noqa: F401  (single_thread: autouse fixture)
+from eval.speculative import SpeculativeDecoder
+from tests.test_decoder import TableDrafter, V, hf_greedy, make_prompts, random_drafter
+from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 
 MAX_NEW = 24
 
@@ -137,10 +138,11 @@ def test_hybrid_with_a_partly_right_drafter_and_an_eos(setup):
     assert 0 < result.stats.lookup_wins < result.stats.num_steps
 
 
-def test_hybrid_refuses_sampling_and_negative_sizes():
+def test_hybrid_refuses_the_reference_rule_and_negative_sizes():
     model = tiny_llama("sdpa")
     drafter = random_drafter(model)
-    with pytest.raises(ValueError, match="greedy only"):
-        SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, ngram=3)
+    with pytest.raises(ValueError, match="not with the reference rule"):
+        SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, reference_compatible=True, ngram=3)
     with pytest.raises(ValueError, match="ngram must be >= 0"):
         SpeculativeDecoder(model, drafter, 1, 3, ngram=-1)
+    SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, ngram=3)  # lossless sampling: tests/test_sampling.py

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from eval.decoder import SpeculativeDecoder
 from eval.profile import PHASES, profile_decoder
+from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 

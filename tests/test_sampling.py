@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.sampling as sampling_module
-from eval.decoder import SpeculativeDecoder, plain_greedy
+from eval.decoder import plain_greedy
 from eval.sampling import accept_tree, plain_sample, sample_chains
+from eval.speculative import SpeculativeDecoder
 from eval.tree import pack_tree
 from pipeline.drafter import build_drafter, make_arch
 from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
@@ -167,6 +168,26 @@ def test_speculative_sampling_matches_exact_law(setup, drafter, W, L, tree_atten
     first_step = stats.accepted[:N_SAMPLES]  # every row's first step: nothing truncated yet
     assert sum(first_step) / N_SAMPLES > 0.3, stats.to_dict()  # acceptance is really exercised
     assert p_value > ALPHA, p_value
+
+
+@pytest.mark.parametrize("drafter, W", [("random", 2), ("last_token", 1)])
+def test_hybrid_sampling_matches_exact_law(setup, drafter, W):
+    """Hybrid drafting at T > 0: a prompt-lookup path enters the rejection sampling as a point mass
+    (eval/ngram.py LookupProposer). On this prompt the lookup path is taken in many steps."""
+    p_value, stats = speculative_p_value(setup, drafter, W, 3, ngram=3)
+    assert stats.lookup_wins > 0.05 * N_SAMPLES, stats.to_dict()
+    assert p_value > ALPHA, p_value
+
+
+def test_hybrid_sampling_that_accepts_lookup_tokens_outright_fails(setup, monkeypatch):
+    """Teeth: treating the lookup path like a verified greedy draft (accepted whenever p > 0, by a
+    near-zero q) is biased towards repeating the context, and the same test rejects it."""
+    import eval.ngram as ngram_module
+
+    monkeypatch.setattr(ngram_module, "point_mass", lambda tokens_BK, V, dtype: torch.full(
+        (*tokens_BK.shape, V), 1e-6, dtype=dtype))
+    p_value, _ = speculative_p_value(setup, "random", 2, 3, ngram=3)
+    assert p_value < ALPHA, p_value
 
 
 def test_no_residual_correction_fails_the_same_test(setup, monkeypatch):
