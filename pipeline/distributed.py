@@ -10,7 +10,10 @@ LambdaLR, which DeepSpeed steps after every optimizer step and saves in its chec
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
 from pathlib import Path
 
@@ -103,10 +106,53 @@ def save_checkpoint(engine, ckpt_dir: Path, client_state: dict, meta: dict | Non
         (ckpt_dir / META).write_text(json.dumps({**client_state, **(meta or {})}, indent=2, default=str) + "\n")
 
 
+# The non-tensor objects DeepSpeed pickles into its checkpoints (ZeRO 1-3, fp32 and bf16), found by loading
+# its checkpoints with weights_only=True (tests/test_security.py). Nothing else is unpickled.
+_DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every `torch.load` inside the block is weights_only=True, also DeepSpeed's own (which ask for
+    weights_only=False): TORCH_FORCE_WEIGHTS_ONLY_LOAD, with DeepSpeed's few checkpoint classes allowed.
+    A checkpoint holding any other pickled object is refused with a clear error, never unpickled."""
+    import importlib
+
+    allowed = []
+    for name in _DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: its checkpoints do not hold it
+            pass
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"a checkpoint file holds a pickled object that draftforge does not load (only tensors and "
+                         f"DeepSpeed's own checkpoint classes are; {str(e).splitlines()[0]}). It was not written by "
+                         "this pipeline's DeepSpeed, or by a version that pickles more: delete the checkpoint folder "
+                         "to train from the start") from e
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def load_checkpoint(engine, ckpt_dir: Path) -> dict:
-    """All ranks: restore weights, optimizer, lr schedule and RNG; returns the saved client_state."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    """All ranks: restore weights, optimizer, lr schedule and RNG; returns the saved client_state.
+    Nothing is unpickled beyond tensors and DeepSpeed's checkpoint classes (`weights_only_loads`)."""
+    with weights_only_loads():
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
     if path is None:
         raise ValueError(f"{ckpt_dir} holds no DeepSpeed checkpoint (tag {CKPT_TAG!r})")
     rng_file = ckpt_dir / f"rng_rank{engine.global_rank}.pt"

@@ -61,3 +61,55 @@ def test_the_launch_script_keeps_token_authentication():
     assert not re.search(r"RAY_AUTH_MODE=disabled", "\n".join(
         line for line in script.splitlines() if not line.lstrip().startswith("#")))
     assert "RAY_AUTH_MODE=token" in script
+
+
+DEEPSPEED_ROUND_TRIP = r"""
+import os, sys, torch, torch.distributed as dist
+from pathlib import Path
+from pipeline.config import TrainConfig
+from pipeline.distributed import init_engine, load_checkpoint, save_checkpoint
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+root = Path(sys.argv[1])
+for zero, precision in [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")]:
+    cfg = TrainConfig(zero_stage=zero, precision=precision, batch_size=2, lr=1e-2)
+    def engine(seed):
+        torch.manual_seed(seed)
+        return init_engine(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), cfg, 1, 10)
+    a = engine(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    loss = a(torch.randn(2, 8, dtype=dtype)).float().square().mean()
+    a.backward(loss)
+    a.step()
+    save_checkpoint(a, root / f"z{zero}{precision}", {"step": 1})
+    b = engine(1)
+    assert load_checkpoint(b, root / f"z{zero}{precision}")["step"] == 1
+    with torch.no_grad():
+        x = torch.randn(3, 8, dtype=dtype)
+        assert torch.equal(a(x), b(x)), (zero, precision)
+    print("ROUNDTRIP", zero, precision, flush=True)
+"""
+
+
+def test_deepspeed_checkpoints_load_with_nothing_unpickled_but_tensors(tmp_path):
+    """DeepSpeed's own torch.load calls ask for weights_only=False; our load forces weights_only=True
+    (pipeline/distributed.py weights_only_loads) and still restores ZeRO-2/3 checkpoints in fp32 and bf16
+    exactly. A checkpoint file holding any other pickled object is refused by name, not unpickled."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.distributed import weights_only_loads
+    from pipeline.main import free_port
+
+    done = subprocess.run([sys.executable, "-c", DEEPSPEED_ROUND_TRIP, str(tmp_path), str(free_port())], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("ROUNDTRIP") == 4, done.stdout[-3000:]
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"step": 1, "hook": os.system}, hostile)  # unpickling it would import and keep a callable
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    with pytest.raises(ValueError, match="does not load"), weights_only_loads():
+        torch.load(hostile, weights_only=False)  # what DeepSpeed asks for
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == before  # the process's setting is back
