@@ -25,6 +25,7 @@ from pipeline.lineage import sha256_file, tokenizer_hash
 from pipeline.shards import TeacherSequence, write_shard
 from pipeline.tracking import read_offline_run
 from pipeline.train import TeacherData, latest_checkpoint_step, load_embedding_table, run_train
+from tests.test_faults import small_disk  # noqa: F401  (fixture: a real tmpfs that fills up)
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_K = 8
@@ -209,8 +210,25 @@ def test_data_split_and_order_are_deterministic(teacher_dir):
     assert [q.prompt_id for q in ranks[0].batch(5)] != [q.prompt_id for q in ranks[0].batch(0)]  # reshuffled
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ray_local, tiny_model_dir,
-                                                                               teacher_dir, tmp_path, capfd):
+LONG = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=1)  # 60 steps: room for a fault
+
+
+@pytest.fixture(scope="module")
+def clean_long_run(ray_local, tiny_model_dir, teacher_dir, tmp_path_factory):
+    """The uninterrupted 60-step run every faulty run must end identical to."""
+    out = tmp_path_factory.mktemp("clean_long")
+    result = run_train(ModelConfig(base_model=str(tiny_model_dir)), DRAFTER, LONG, TrackingConfig(mode="disabled"),
+                       teacher_dir, out, seed=0)
+    return out, result
+
+
+def registered_step(out: Path) -> int:
+    """The newest checkpoint Ray Train registered under out (0 without one)."""
+    return max((latest_checkpoint_step(out, run.name) or 0 for run in (out / "ray").glob("train-*")), default=0)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ray_local, tiny_model_dir, teacher_dir,
+                                                                               clean_long_run, tmp_path, capfd):
     """A training worker SIGKILLed mid-run: Ray Train restarts the worker group from the last checkpoint
     (train.max_failures) inside the same run, and the drafter equals an uninterrupted run's, bit for bit."""
     import os
@@ -220,9 +238,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ra
 
     import psutil
 
-    cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=1)  # 60 steps
+    cfg = LONG
     model = ModelConfig(base_model=str(tiny_model_dir))
-    clean = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, tmp_path / "clean", seed=0)
+    clean_out, clean = clean_long_run
     killed_out, killed = tmp_path / "killed", []
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -247,8 +265,55 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ra
 
     assert re.search(r"train: resuming from step (10|20|30)", "".join(capfd.readouterr()))  # from a checkpoint
     assert sha256_file(killed_out / "drafter" / "drafter.safetensors") == \
-        sha256_file(tmp_path / "clean" / "drafter" / "drafter.safetensors")
+        sha256_file(clean_out / "drafter" / "drafter.safetensors")
     assert len(list((killed_out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
+
+
+def test_a_full_disk_while_checkpointing_fails_clearly_and_the_rerun_ends_identical(
+        ray_local, tiny_model_dir, teacher_dir, clean_long_run, small_disk, capfd):  # noqa: F811 (the fixture)
+    """The run directory on a real tmpfs that fills up after the first checkpoint: writing the next one
+    fails, the stage stops with an error the pipeline recognises as a full disk (it prints "no space left
+    on the disk of ... rerun the same command") and says from which checkpoint a rerun resumes; only
+    checkpoints Ray Train registered count. After the disk grows, the rerun resumes from there and ends
+    with the uninterrupted run's drafter, bit for bit."""
+    import re
+    import shutil
+    import threading
+    import time
+
+    from pipeline.main import disk_full
+    from tests.test_faults import _resize
+
+    cfg = dataclasses.replace(LONG, max_failures=0)
+    model, off = ModelConfig(base_model=str(tiny_model_dir)), TrackingConfig(mode="disabled")
+    clean_out, _ = clean_long_run
+    out = small_disk / "train"
+    _resize(small_disk, 64 << 20)
+    filled = []
+
+    def fill_after_the_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and registered_step(out) < 10:
+            time.sleep(0.01)
+        _resize(small_disk, shutil.disk_usage(small_disk).used + 4096)  # one page left: no checkpoint fits
+        filled.append(registered_step(out))
+
+    threading.Thread(target=fill_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(RuntimeError) as failure:
+        run_train(model, DRAFTER, cfg, off, teacher_dir, out, seed=0)
+    assert filled and disk_full(failure.value), failure.value
+    step = registered_step(out)
+    assert 10 <= step < 60 and f"resumes from the checkpoint at step {step}" in str(failure.value)
+    assert not (out / "drafter").exists()  # no drafter from a run that did not finish
+
+    _resize(small_disk, 64 << 20)
+    capfd.readouterr()
+    result = run_train(model, DRAFTER, cfg, off, teacher_dir, out, seed=0)
+    assert result["steps"] == 60
+    time.sleep(2)  # worker output reaches the driver asynchronously
+    assert re.search(rf"train: resuming from step {step}\b", "".join(capfd.readouterr()))
+    assert sha256_file(out / "drafter" / "drafter.safetensors") == \
+        sha256_file(clean_out / "drafter" / "drafter.safetensors")
 
 
 def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher_dir, tmp_path):
@@ -265,13 +330,9 @@ def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher
     cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=0)
     out = tmp_path / "out"
 
-    def registered_step() -> int:  # Ray Train lists a checkpoint in its snapshot once it is whole
-        runs = (out / "ray").glob("train-*")
-        return max((latest_checkpoint_step(out, run.name) or 0 for run in runs), default=0)
-
     def kill_a_worker():
         deadline = time.time() + 300
-        while time.time() < deadline and registered_step() < 20:
+        while time.time() < deadline and registered_step(out) < 20:
             time.sleep(0.05)
         for p in psutil.Process().children(recursive=True):
             if any("RayTrainWorker" in part for part in p.cmdline()):
