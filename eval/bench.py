@@ -23,16 +23,18 @@ import platform
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import ci_text, compare, method_table
-from eval.decoder import SpeculativeDecoder, compile_base, first_divergence, plain_greedy
+from eval.decoder import compile_base, first_divergence, plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import profile_decoder
+from eval.speculative import SpeculativeDecoder
+from pipeline import atomic
 from pipeline.base_model import load_base_model
-from pipeline.config import Config
+from pipeline.config import Config, load_run_config
+from pipeline.layout import RunLayout
 
 
 def _ints(text: str) -> list[int]:
@@ -71,14 +73,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
-                                                      OmegaConf.load(args.run_dir / "resolved_config.yaml")))
-    out = args.out or args.run_dir / "bench"
+    run = RunLayout(args.run_dir)
+    cfg: Config = load_run_config(args.run_dir)
+    out = args.out or run.bench
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_base_model(cfg.model, device=args.device or cfg.eval.device, dtype=args.dtype or cfg.eval.dtype)
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
-    drafter = load_trained_drafter(args.run_dir / "train" / "drafter", model, model.dtype)
+    drafter = load_trained_drafter(run.drafter, model, model.dtype)
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
     prompts = with_model_answers(prompts, model, tok, args.max_new_tokens or cfg.eval.max_new_tokens,
@@ -119,6 +121,7 @@ def main(argv=None) -> dict:
     for bs in args.batch_sizes:
         r = compare({"plain": plain, "redrafter": _spec(model, drafter, W, L, n, eos)}, prompts, bs, args.repeats)
         report["batches"][bs] = _slim(r["redrafter"]) | {"plain_tokens_per_s": r["plain"]["tokens_per_s"]}
+    report["max_batch_size_where_faster"] = max_batch_size_where_faster(report["batches"])
 
     print("[4/4] step profile")
     report["profile"] = profile_decoder(SpeculativeDecoder(model, drafter, W, L), [p.input_ids for p in prompts[:6]], n, eos)
@@ -131,16 +134,49 @@ def main(argv=None) -> dict:
                        config={"bench": {k: str(v) for k, v in vars(args).items()}})
     log_bench_tables(tracker, report, out / "bench.png")
     tracker.finish()
-    record_path = args.run_dir / "eval" / "eval_record.json"
+    record_path = run.eval_record
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         record["best_setting"] = report["best_setting"] | {"device": report["device"], "dtype": report["dtype"],
                                                            "device_name": device_name, "threads": report["threads"],
-                                                           "compile": compile_mode}
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+                                                           "compile": compile_mode,
+                                                           "max_batch_size_where_faster":
+                                                               report["max_batch_size_where_faster"]}
+        atomic.write_json(record_path, record)
+    for serving in update_serving_batch_limit(run.export, W, L, report):
+        print(f"updated {serving}: faster than plain decoding up to batch size {report['max_batch_size_where_faster']}")
     print_report(report)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return report
+
+
+def max_batch_size_where_faster(batches: dict[int, dict]) -> int:
+    """The largest measured batch size up to which every measured batch size beats plain decoding at the
+    same batch size (0: not even the smallest)."""
+    limit = 0
+    for bs in sorted(batches):
+        if batches[bs]["speedup"] <= 1.0:
+            break
+        limit = bs
+    return limit
+
+
+def update_serving_batch_limit(export_root: Path, W: int, L: int, report: dict) -> list[Path]:
+    """Write the measured batch sizes into the run's exported serving.json files that serve this (W, L) (the
+    gate's export knows only the eval's own batch size); returns the files updated."""
+    updated = []
+    for serving_path in sorted(Path(export_root).glob("*/serving.json")):
+        serving = json.loads(serving_path.read_text())
+        if (serving.get("beam_width"), serving.get("beam_length")) != (W, L):
+            continue
+        serving["measured"]["batch_sizes"] = {
+            str(bs): {"speedup": v["speedup"], "speedup_ci95": v["speedup_ci95"], "tokens_per_step": v["tokens_per_step"]}
+            for bs, v in sorted(report["batches"].items())}
+        serving["measured"]["batch_sizes_from"] = "python -m eval.bench"
+        serving["max_batch_size_where_faster"] = report["max_batch_size_where_faster"]
+        atomic.write_json(serving_path, serving)
+        updated.append(serving_path)
+    return updated
 
 
 def _slim(m: dict) -> dict:

@@ -23,7 +23,16 @@ import time
 from pathlib import Path
 
 from pipeline import atomic
-from pipeline.config import TRAINING_FREE, Config, ConfigError, available_recipes, load_config, to_dict, to_yaml
+from pipeline.config import (
+    TRAINING_FREE,
+    Config,
+    ConfigError,
+    available_recipes,
+    load_config,
+    to_dict,
+    to_yaml,
+)
+from pipeline.layout import RunLayout
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -137,7 +146,7 @@ def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
     except Exception as e:  # noqa: BLE001 - anything else: one line, the full traceback in the run directory
         import traceback
 
-        log = run_dir / "error.log"
+        log = RunLayout(run_dir).error_log
         try:
             if run_dir.is_dir():
                 atomic.write_text(log, traceback.format_exc())
@@ -259,7 +268,7 @@ def _restore_sigterm(previous) -> None:
 
 def _saved(run_dir: Path) -> str:
     """What a stopped run keeps, from its summary.json (written as stages finish)."""
-    path = run_dir / "summary.json"
+    path = RunLayout(run_dir).summary
     if not path.is_file():
         return "Nothing was saved yet."
     stages = json.loads(path.read_text()).get("stages", {})
@@ -340,7 +349,7 @@ def lock_run_dir(run_dir: Path):
     import fcntl
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")
+    f = open(RunLayout(run_dir).lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -376,10 +385,10 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
-    ConsoleLog.open(run_dir / "console.log")
+    ConsoleLog.open(RunLayout(run_dir).console)
     for plan in plans:
         print(plan.line(), flush=True)
-    (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+    RunLayout(run_dir).resolved_config.write_text(to_yaml(cfg))
     init_ray(cfg)
     _stop_on_sigterm()  # again: ray.init installs a handler that aborts the driver on SIGTERM
 
@@ -393,9 +402,9 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
 
     def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
         try:
-            atomic.write_json(run_dir / "summary.json", summary, default=str)
+            atomic.write_json(RunLayout(run_dir).summary, summary, default=str)
         except OSError as e:  # a full disk must not hide the error that stopped the run
-            print(f"warning: could not write {run_dir / 'summary.json'}: {e}", file=sys.stderr)
+            print(f"warning: could not write {RunLayout(run_dir).summary}: {e}", file=sys.stderr)
 
     current = None
     try:
@@ -404,7 +413,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             from pipeline.teacher import run_teacher
 
             t = time.time()
-            manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run_dir / "teacher", seed=cfg.run.seed)
+            manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, RunLayout(run_dir).teacher, seed=cfg.run.seed)
             times["teacher"] = time.time() - t
             tracker = stage_run("teacher")
             tracker.log({"teacher/sequences": manifest["num_sequences"], "teacher/tokens": manifest["num_tokens"],
@@ -418,8 +427,8 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             from pipeline.train import run_train
 
             t = time.time()
-            train_result = run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, run_dir / "teacher",
-                                     run_dir / "train", seed=cfg.run.seed, wandb_group=cfg.run.name,
+            train_result = run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, RunLayout(run_dir).teacher,
+                                     RunLayout(run_dir).train, seed=cfg.run.seed, wandb_group=cfg.run.name,
                                      wandb_dir=run_dir)
             times["train"] = time.time() - t
             summary["train"] = train_result
@@ -439,7 +448,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             summary["error"] = {"stage": current, "type": e.__class__.__name__, "message": str(e)[:2000]}
         raise
     finally:
-        wandb_dir = run_dir / "wandb"
+        wandb_dir = RunLayout(run_dir).wandb
         summary["wandb"] = (f"{wandb_dir} (group {cfg.run.name!r}; `wandb sync {wandb_dir}/offline-run-*` uploads it)"
                             if cfg.tracking.mode == "offline" else
                             f"group {cfg.run.name!r} in project {cfg.tracking.project!r}"
@@ -455,12 +464,13 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     """Eval (vs plain, the training-free baselines and the incumbent), gate, export, registry."""
     from eval.evaluate import eval_set_key, run_eval
     from pipeline.base_model import base_model_fingerprint, resolve_model_path
-    from pipeline.gguf import gguf_source
     from pipeline.gate import decide, find_incumbent, publish, record_promotion
+    from pipeline.gguf import gguf_source
     from pipeline.lineage import code_version, hash_json, sha256_file
 
     t = time.time()
-    drafter_dir = run_dir / "train" / "drafter"
+    run = RunLayout(run_dir)
+    drafter_dir = run.drafter
     if not (drafter_dir / "drafter.safetensors").is_file():
         raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")
     candidate_sha = sha256_file(drafter_dir / "drafter.safetensors")
@@ -476,10 +486,10 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     incumbent = find_incumbent(registry, base_hash, set_key, candidate_sha)
     if incumbent is not None:
         print(f"eval: comparing with the incumbent promoted drafter {incumbent}")
-    record = run_eval(cfg.model, cfg.data, cfg.eval, drafter_dir, run_dir / "eval", incumbent_dir=incumbent)
+    record = run_eval(cfg.model, cfg.data, cfg.eval, drafter_dir, run.eval, incumbent_dir=incumbent)
     times["eval"] = time.time() - t
     decision = decide(record, cfg.gate)
-    teacher_manifest = run_dir / "teacher" / "manifest.json"
+    teacher_manifest = run.teacher_manifest
     lineage = {
         "base_model": cfg.model.base_model, "base_model_hash": base_hash,
         "base_model_gguf": gguf_source(resolve_model_path(cfg.model)),  # GGUF file, sha256, quantization
@@ -494,11 +504,11 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
              "prompt_accounting": manifest.get("prompt_accounting", {}),
              "responses": manifest.get("recipe", {}).get("teacher", {}).get("responses", "generate")}
             if manifest else None)
-    export_dir = publish(decision, drafter_dir, record, lineage, run_dir / "export", tracker,
+    export_dir = publish(decision, drafter_dir, record, lineage, run.export, tracker,
                          artifact_name=f"drafter-{cfg.run.name}", data=data)
     if decision["promoted"]:
         record_promotion(registry, base_hash, set_key, export_dir, record, candidate_sha)
-    log_eval_tables(tracker, record, run_dir / "eval" / "eval.png")
+    log_eval_tables(tracker, record, run.eval / "eval.png")
     tracker.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     tracker.log({f"eval/{m}/{k}": v for m, r in record["methods"].items() for k, v in r.items()
                  if isinstance(v, (int, float))})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, resolve_drafter
+from pipeline.layout import RunLayout
 
 RUN, RESUME, REUSE, REFUSED = "run", "resume", "reuse", "refused"
 
@@ -32,7 +33,8 @@ class StagePlan:
 
 def plan_stages(cfg: Config, run_dir: Path) -> list[StagePlan]:
     plans: list[StagePlan] = []
-    teacher_dir, train_dir = run_dir / "teacher", run_dir / "train"
+    run = RunLayout(run_dir)
+    teacher_dir, train_dir = run.teacher, run.train
     upstream_changes = False  # a stage that (re)makes its output invalidates the reuse of what follows
     if "teacher" in cfg.run.stages:
         plans.append(_plan_teacher(cfg, teacher_dir))
@@ -47,7 +49,7 @@ def plan_stages(cfg: Config, run_dir: Path) -> list[StagePlan]:
         if upstream_changes:
             plans.append(StagePlan("eval", RUN, "on the drafter this run trains"))
         else:
-            plans.append(_plan_eval(cfg, train_dir / "drafter", run_dir / "eval"))
+            plans.append(_plan_eval(cfg, run.drafter, run.eval))
     return plans
 
 
@@ -57,8 +59,17 @@ def refusals(plans: list[StagePlan]) -> list[StagePlan]:
 
 def _plan_teacher(cfg: Config, out_dir: Path) -> StagePlan:
     from pipeline.base_model import load_tokenizer
-    from pipeline.teacher import (FINGERPRINT, JOURNAL, MANIFEST, SHARDS, data_fingerprint, fingerprint_changes,
-                                  read_journal, training_prompts, verify_shards)
+    from pipeline.teacher import (
+        FINGERPRINT,
+        JOURNAL,
+        MANIFEST,
+        SHARDS,
+        data_fingerprint,
+        fingerprint_changes,
+        read_journal,
+        training_prompts,
+        verify_shards,
+    )
 
     path = out_dir / FINGERPRINT
     if not path.is_file():
@@ -86,8 +97,15 @@ def _plan_teacher(cfg: Config, out_dir: Path) -> StagePlan:
 
 def _plan_train(cfg: Config, teacher_dir: Path, out_dir: Path) -> StagePlan:
     from pipeline.teacher import load_manifest
-    from pipeline.train import (DRAFTER_FILES, _check_base_model, latest_checkpoint_step, other_checkpoints,
-                                train_inputs, train_run_name, world_size_conflict)
+    from pipeline.train import (
+        DRAFTER_FILES,
+        _check_base_model,
+        latest_checkpoint_step,
+        other_checkpoints,
+        train_inputs,
+        train_run_name,
+        world_size_conflict,
+    )
 
     try:
         manifest = load_manifest(teacher_dir)

@@ -108,6 +108,8 @@ def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: 
     teacher = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY}
     if teacher["responses"] == "generate":  # the default, left out so data made before the switch still matches
         del teacher["responses"]
+    if teacher["engine"] == "hf":  # likewise (added later); another engine may generate other tokens
+        del teacher["engine"]
     recipe = {"teacher": teacher, "data_train": dataclasses.asdict(data_cfg.train), "seed": seed,
               "chat_template": data_cfg.chat_template, "max_prompt_tokens": data_cfg.max_prompt_tokens,
               "model_dtype": model_cfg.dtype}
@@ -314,30 +316,40 @@ class TeacherWorker:
         self.eos_ids = sorted({t for t in [eos_id, *model_eos] if t is not None})
         self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
-    def __call__(self, batch: dict) -> dict:
-        assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"
-        name, prompts = str(batch["name"][0]), json.loads(batch["prompts"][0])
-        # Batches of similar lengths: a batch is padded to its longest prompt (and, with corpus replies, its
-        # longest prompt + reply), so length-sorted batches waste far less compute on padding (real chat
-        # prompts range from 10 to 500 tokens). Rows are written back in prompt order; sorting is stable,
-        # so the shard is deterministic.
+    def batches(self, prompts: list[dict]) -> list[list[int]]:
+        """Prompt indices in batches of similar lengths: a batch is padded to its longest prompt (and, with
+        corpus replies, its longest prompt + reply), so length-sorted batches waste far less compute on
+        padding (real chat prompts range from 10 to 500 tokens). Sorting is stable: deterministic shards."""
         def length(p: dict) -> int:
             reply = len(p["reply_ids"]) if self.cfg.responses == "corpus" else 0
             return len(p["input_ids"]) + min(reply, self.cfg.max_new_tokens)
 
         order = sorted(range(len(prompts)), key=lambda i: length(prompts[i]))
+        return [order[start:start + self.cfg.batch_size] for start in range(0, len(order), self.cfg.batch_size)]
+
+    def responses(self, chunk: list[dict]) -> list[list[int]]:
+        """The response of each prompt: the corpus's reply cut like a generation (teacher-forced), or the
+        base model's own generation (`generate_responses`, one seed per prompt)."""
+        if self.cfg.responses == "corpus":
+            return [cut_response(p["reply_ids"], self.eos_ids, self.cfg.max_new_tokens) for p in chunk]
+        seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
+        return ENGINES[self.cfg.engine](self.model, [p["input_ids"] for p in chunk], self.cfg, self.eos_ids,
+                                        self.pad_id, seeds)
+
+    def records(self, prompts: list[dict]) -> list[TeacherSequence]:
+        """A shard's sequences, in prompt order."""
         by_index = {}
-        for start in range(0, len(order), self.cfg.batch_size):
-            chunk = [prompts[i] for i in order[start:start + self.cfg.batch_size]]
-            ids = [p["input_ids"] for p in chunk]
-            if self.cfg.responses == "corpus":  # teacher-forced: the corpus's reply, cut like a generation
-                responses = [cut_response(p["reply_ids"], self.eos_ids, self.cfg.max_new_tokens) for p in chunk]
-            else:
-                seeds = [prompt_seed(self.seed, p["id"]) for p in chunk]
-                responses = generate_responses(self.model, ids, self.cfg, self.eos_ids, self.pad_id, seeds)
-            records = teacher_records(self.model, [p["id"] for p in chunk], ids, responses, self.cfg)
-            by_index.update(zip(order[start:start + self.cfg.batch_size], records))
-        seqs = [by_index[i] for i in range(len(prompts))]
+        for batch in self.batches(prompts):
+            chunk = [prompts[i] for i in batch]
+            records = teacher_records(self.model, [p["id"] for p in chunk], [p["input_ids"] for p in chunk],
+                                      self.responses(chunk), self.cfg)
+            by_index.update(zip(batch, records))
+        return [by_index[i] for i in range(len(prompts))]
+
+    def __call__(self, batch: dict) -> dict:
+        assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"
+        name, prompts = str(batch["name"][0]), json.loads(batch["prompts"][0])
+        seqs = self.records(prompts)
         path = self.shards_dir / name
         write_shard(seqs, path, self.cfg.hidden_dtype)
         return {"name": [name], "sha256": [sha256_file(path)], "rows": [len(seqs)],
@@ -380,6 +392,12 @@ def generate_responses(model, prompts: list[list[int]], cfg: TeacherConfig, eos_
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                          generation_config=gen_cfg, logits_processor=processors)
     return [cut_response(row, eos_ids, cfg.max_new_tokens) for row in out[:, width:].tolist()]
+
+
+# teacher.engine -> (model, prompts, cfg, eos_ids, pad_id, seeds) -> responses, each cut by `cut_response`:
+# the generation seam. A serving engine (vLLM, TensorRT-LLM) is a new entry here and in config._CHOICES;
+# it must give each prompt its own seeded sample (or the greedy continuation), whatever the batch.
+ENGINES = {"hf": generate_responses}
 
 
 def cut_response(tokens: list[int], eos_ids: list[int], max_new_tokens: int) -> list[int]:

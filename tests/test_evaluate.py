@@ -9,7 +9,13 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from eval.evaluate import run_eval
-from pipeline.config import DataConfig, EvalConfig, GateConfig, ModelConfig, PromptSource
+from pipeline.config import (
+    DataConfig,
+    EvalConfig,
+    GateConfig,
+    ModelConfig,
+    PromptSource,
+)
 from pipeline.drafter import build_drafter, make_arch
 from pipeline.gate import decide
 
@@ -129,6 +135,7 @@ def test_bench_end_to_end(setup, tmp_path):
     best = json.loads((run / "eval" / "eval_record.json").read_text())["best_setting"]
     assert f"W{best['beam_width']}L{best['beam_length']}" in report["sweep"] and best["dtype"] == "torch.float32"
     assert report["sweep"]["W2L3"]["beam_width"] == 2 and report["sweep"]["W2L3"]["beam_length"] == 3
+    assert best["max_batch_size_where_faster"] == report["max_batch_size_where_faster"] in (0, 1, 2)
     # the sweep, baselines and batch sizes as W&B tables (+ the plot) in the run's group, job type bench
     from pipeline.tracking import read_offline_run
 
@@ -202,3 +209,28 @@ def test_machine_load_sees_other_processes():
     burner.kill()
     burner.wait()
     assert seen["other_cpu_fraction"] >= 0.5 / seen["cpus"], seen  # about one CPU of `cpus`
+
+
+def test_bench_writes_the_batch_size_limit_into_the_matching_serving_config(tmp_path):
+    """The gate's export knows only the eval's batch size; eval.bench measures more and writes, into each
+    exported serving.json of the same (W, L), up to which batch size the drafter beats plain decoding."""
+    from eval.bench import max_batch_size_where_faster, update_serving_batch_limit
+
+    def at(speedup):
+        return {"speedup": speedup, "speedup_ci95": 0.02, "tokens_per_step": 1.5}
+
+    assert max_batch_size_where_faster({1: at(1.2), 4: at(1.05), 8: at(0.9)}) == 4
+    assert max_batch_size_where_faster({1: at(1.2), 4: at(0.95), 8: at(1.1)}) == 1  # a loss in between ends it
+    assert max_batch_size_where_faster({1: at(0.99)}) == 0
+    for kind, (W, L) in {"promoted": (1, 3), "candidate": (2, 4)}.items():
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "serving.json").write_text(json.dumps({
+            "beam_width": W, "beam_length": L, "max_batch_size_where_faster": 1,
+            "measured": {"device": "cpu", "batch_sizes": {"1": at(1.1)}}}))
+    report = {"batches": {1: at(1.2), 4: at(1.05), 8: at(0.9)}, "max_batch_size_where_faster": 4}
+    assert update_serving_batch_limit(tmp_path, 1, 3, report) == [tmp_path / "promoted" / "serving.json"]
+    promoted = json.loads((tmp_path / "promoted" / "serving.json").read_text())
+    assert promoted["max_batch_size_where_faster"] == 4 and set(promoted["measured"]["batch_sizes"]) == {"1", "4", "8"}
+    assert promoted["measured"]["device"] == "cpu"  # the rest is kept
+    untouched = json.loads((tmp_path / "candidate" / "serving.json").read_text())
+    assert untouched["max_batch_size_where_faster"] == 1  # another (W, L): not what was measured

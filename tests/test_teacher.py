@@ -177,6 +177,14 @@ def test_cut_response():
 def test_generate_mode_keeps_the_fingerprint_of_data_made_before_the_switch(teacher_dir):
     fingerprint = json.loads((teacher_dir / "fingerprint.json").read_text())
     assert "responses" not in fingerprint["recipe"]["teacher"]
+    assert "engine" not in fingerprint["recipe"]["teacher"]  # the default engine, added later: same hash
+
+
+def test_the_generation_engine_is_a_seam_with_the_hf_engine_as_default():
+    from pipeline.config import _CHOICES, TeacherConfig
+    from pipeline.teacher import ENGINES, generate_responses
+
+    assert set(ENGINES) == set(_CHOICES["teacher.engine"]) and ENGINES[TeacherConfig().engine] is generate_responses
 
 
 def test_recoded_fp8_data_is_what_an_fp8_teacher_would_reuse(teacher_dir, cfgs, tmp_path):
@@ -205,3 +213,19 @@ def test_recoded_fp8_data_is_what_an_fp8_teacher_would_reuse(teacher_dir, cfgs, 
     size = lambda d: sum(p.stat().st_size for p in (d / SHARDS).iterdir())  # noqa: E731
     assert size(dst) < size(teacher_dir)
     assert recode_main([str(teacher_dir), str(dst), "--hidden-dtype", "float8_e4m3"]) == 2  # never overwritten
+
+
+def test_teacher_bench_times_the_engine_against_a_bare_forward_loop(tiny_model_dir):
+    """pipeline.teacher_bench: the teacher's per-shard work and a bare forward loop over the same batches
+    cover the same recorded positions (checked inside), both timed."""
+    from pipeline.teacher_bench import main as teacher_bench
+
+    threads = torch.get_num_threads()
+    try:
+        report = teacher_bench(["recipe=tiny", f"model.base_model={tiny_model_dir}", "data.train.limit=6",
+                                "teacher.max_new_tokens=4", "teacher.batch_size=3", "--prompts", "6", "--repeats", "1",
+                                "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["prompts"] == 6 and 6 < report["recorded_positions"] <= 6 * 5  # last prompt token + up to 4 new
+    assert report["tokens_per_s"]["teacher"] > 0 and report["tokens_per_s"]["bare"] > 0 and report["ratio"] > 0

@@ -1,0 +1,93 @@
+"""How fast the teacher stage's engine runs, against a bare batched forward loop of the same model.
+
+    python -m pipeline.teacher_bench recipe=smollm2 --prompts 64 --repeats 3
+
+Loads the recipe's base model and its first N training prompts (the recipe's data, responses, batch
+size and top-k), and times, interleaved, per repeat:
+- teacher: what a teacher actor does per shard except writing the file (`TeacherWorker.records`):
+  length-sorted batches, the responses (corpus replies, or the engine's generation), and the recording
+  pass (one batched forward over prompt + response, then hidden states, top-k and tail per position);
+- bare: the same batches of the same token ids through `model(input_ids, attention_mask)` (the forward
+  with logits at every position): what any dump of this data must at least compute. With generated
+  responses the bare loop runs the same generation first, so the ratio is the recording's overhead.
+Prints recorded tokens/s of both (median over repeats) and their ratio (the issue's target: >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.teacher import TeacherWorker, training_prompts
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.teacher_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides, as for pipeline.main")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = teacher.cpus_per_actor")
+    return ap.parse_args(argv)
+
+
+@torch.no_grad()
+def bare_forward(worker: TeacherWorker, prompts: list[dict]) -> int:
+    """The same batches through the model's plain forward; returns the recorded positions it covers."""
+    positions = 0
+    for batch in worker.batches(prompts):
+        chunk = [prompts[i] for i in batch]
+        seqs = [p["input_ids"] + r for p, r in zip(chunk, worker.responses(chunk))]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, s in enumerate(seqs):
+            input_ids[b, :len(s)] = torch.tensor(s)
+            attention_mask[b, :len(s)] = 1
+        worker.model(input_ids=input_ids.to(worker.model.device), attention_mask=attention_mask.to(worker.model.device))
+        positions += sum(len(s) - len(p["input_ids"]) + 1 for s, p in zip(seqs, chunk))
+    return positions
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.overrides)
+    worker = TeacherWorker(cfg.model, cfg.teacher, "/nonexistent", None, None, cfg.run.seed)
+    torch.set_num_threads(args.threads or cfg.teacher.cpus_per_actor)
+    from pipeline.base_model import load_tokenizer
+
+    prompts, _ = training_prompts(cfg.data, load_tokenizer(cfg.model), cfg.teacher.responses)
+    corpus = cfg.teacher.responses == "corpus"
+    prompts = [{"id": p.id, "input_ids": p.input_ids, **({"reply_ids": p.reply_ids} if corpus else {})}
+               for p in prompts[:args.prompts]]  # what the teacher stage hands an actor
+    worker.records(prompts[:2])  # warm-up, untimed
+    times = {"teacher": [], "bare": []}
+    tokens = {}
+    for r in range(args.repeats):
+        for name in (("teacher", "bare") if r % 2 == 0 else ("bare", "teacher")):  # alternate the order
+            t = time.perf_counter()
+            if name == "teacher":
+                tokens[name] = sum(len(s.tokens) for s in worker.records(prompts))
+            else:
+                tokens[name] = bare_forward(worker, prompts)
+            times[name].append(time.perf_counter() - t)
+    assert tokens["teacher"] == tokens["bare"], tokens
+    rate = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
+    report = {"prompts": len(prompts), "recorded_positions": tokens["teacher"], "responses": cfg.teacher.responses,
+              "batch_size": cfg.teacher.batch_size, "threads": torch.get_num_threads(),
+              "seconds": times, "tokens_per_s": rate, "ratio": rate["teacher"] / rate["bare"]}
+    print(f"teacher engine vs bare forward loop: {len(prompts)} prompts, {tokens['teacher']} recorded positions, "
+          f"responses={cfg.teacher.responses}, batch {cfg.teacher.batch_size}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved repeats")
+    for k in ("bare", "teacher"):
+        print(f"  {k:<8} {rate[k]:8.1f} recorded tokens/s  (seconds: {', '.join(f'{t:.1f}' for t in times[k])})")
+    print(f"  ratio    {report['ratio']:.2f} (teacher / bare)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
