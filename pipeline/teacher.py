@@ -427,8 +427,11 @@ def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], resp
         logits_NV = output_logits(model, hidden_NH).float()  # soft-capped where the model caps (Gemma 2)
         log_z_N = logits_NV.logsumexp(-1)
         top_logits_NK, top_ids_NK = logits_NV.topk(cfg.top_k, dim=-1)  # sorted, best first
-        # log of the mass outside the top-k, without the cancellation of log(1 - sum(top-k probs))
-        tail_N = logits_NV.scatter(-1, top_ids_NK, float("-inf")).logsumexp(-1) - log_z_N
+        # log of the mass outside the top-k, summed over those tokens themselves (no cancellation as in
+        # log(1 - sum(top-k probs))); in place over one (N, V) buffer: 2 passes instead of a copy + logsumexp.
+        # A tail below float32's smallest normal is recorded as that (never -inf: records are finite).
+        probs_NV = logits_NV.sub_(log_z_N[:, None]).exp_().scatter_(-1, top_ids_NK, 0.0)
+        tail_N = probs_NV.sum(-1).clamp_min(torch.finfo(torch.float32).tiny).log()
         hidden = hidden_NH.float().cpu().numpy()
         if cfg.hidden_dtype == "float16" and np.abs(hidden).max() > np.finfo(np.float16).max:
             raise ValueError("hidden states overflow float16; set teacher.hidden_dtype to bfloat16 or float32")
