@@ -16,12 +16,7 @@ from safetensors.torch import load_file
 
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
-from eval.decoder import (
-    compile_base,
-    first_divergence,
-    only_numerical_ties,
-    plain_greedy,
-)
+from eval.decoder import compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model

@@ -35,17 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eval.decoder import (
-    Acceptance,
-    DecodeState,
-    GenerationResult,
-    Proposal,
-    Proposer,
-    _decode,
-    check_prompts,
-    greedy_verifier,
-    run_step,
-)
+from eval.decoder import (Acceptance, DecodeState, GenerationResult, Proposal, Proposer, _decode, check_prompts,
+                          greedy_verifier, run_step)
 from eval.metrics import DecodeStats
 from eval.tree import Tree, pack_tree
 

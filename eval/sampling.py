@@ -62,15 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.beam import _param_dtype, vocab_logits
-from eval.decoder import (
-    Acceptance,
-    DecodeState,
-    GenerationResult,
-    Proposal,
-    Proposer,
-    _decode,
-    plain_step,
-)
+from eval.decoder import Acceptance, DecodeState, GenerationResult, Proposal, Proposer, _decode, plain_step
 from eval.metrics import DecodeStats
 from eval.tree import Tree
 

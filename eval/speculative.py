@@ -20,25 +20,11 @@ import warnings
 import torch
 
 from eval.beam import REFERENCE_TOP_LOGITS, BeamProposer
-from eval.decoder import (
-    NO_CLOCK,
-    DecodeState,
-    GenerationResult,
-    Proposer,
-    _decode,
-    argmax_token,
-    greedy_verifier,
-    run_step,
-)
+from eval.decoder import (NO_CLOCK, DecodeState, GenerationResult, Proposer, _decode, argmax_token, greedy_verifier,
+                          run_step)
 from eval.metrics import DecodeStats
 from eval.ngram import LookupProposer
-from eval.sampling import (
-    ChainProposer,
-    SamplingVerifier,
-    accept_reference,
-    accept_tree,
-    sample_from_logits,
-)
+from eval.sampling import ChainProposer, SamplingVerifier, accept_reference, accept_tree, sample_from_logits
 
 
 class SpeculativeDecoder:

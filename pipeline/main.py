@@ -23,15 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline import atomic
-from pipeline.config import (
-    TRAINING_FREE,
-    Config,
-    ConfigError,
-    available_recipes,
-    load_config,
-    to_dict,
-    to_yaml,
-)
+from pipeline.config import TRAINING_FREE, Config, ConfigError, available_recipes, load_config, to_dict, to_yaml
 from pipeline.layout import RunLayout
 
 

@@ -406,20 +406,26 @@ def cut_response(tokens: list[int], eos_ids: list[int], max_new_tokens: int) -> 
     return list(tokens[:min(end, max_new_tokens)])
 
 
-@torch.no_grad()
-def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], responses: list[list[int]],
-                    cfg: TeacherConfig) -> list[TeacherSequence]:
-    """One forward over prompt+response (right-padded; causal attention keeps real positions exact), then per
-    stored position (last prompt token .. last response token): post-norm hidden, top-k log-probs, tail."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
+def decoder_hidden(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Post-norm hidden states (B, T, H) of right-padded sequences in one batched forward of the decoder
+    (causal attention: padding after a sequence changes none of its positions)."""
     width = max(len(s) for s in seqs)
     input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for b, s in enumerate(seqs):
         input_ids[b, :len(s)] = torch.tensor(s)
         attention_mask[b, :len(s)] = 1
-    hidden_BTH = model.get_decoder()(input_ids=input_ids.to(model.device),
-                                     attention_mask=attention_mask.to(model.device)).last_hidden_state
+    return model.get_decoder()(input_ids=input_ids.to(model.device),
+                               attention_mask=attention_mask.to(model.device)).last_hidden_state
+
+
+@torch.no_grad()
+def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], responses: list[list[int]],
+                    cfg: TeacherConfig) -> list[TeacherSequence]:
+    """One forward over prompt+response (right-padded; causal attention keeps real positions exact), then per
+    stored position (last prompt token .. last response token): post-norm hidden, top-k log-probs, tail."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    hidden_BTH = decoder_hidden(model, seqs)
     head_device = model.get_output_embeddings().weight.device
     records = []
     for b, (pid, prompt, seq) in enumerate(zip(prompt_ids, prompts, seqs)):

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.support import output_logits
-from pipeline.teacher import TeacherWorker, training_prompts
+from pipeline.teacher import TeacherWorker, decoder_hidden, training_prompts
 
 
 def parse_args(argv=None):
@@ -44,14 +44,7 @@ def bare_forward(worker: TeacherWorker, prompts: list[dict]) -> int:
     for batch in worker.batches(prompts):
         chunk = [prompts[i] for i in batch]
         seqs = [p["input_ids"] + r for p, r in zip(chunk, worker.responses(chunk))]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, s in enumerate(seqs):
-            input_ids[b, :len(s)] = torch.tensor(s)
-            attention_mask[b, :len(s)] = 1
-        hidden_BTH = worker.model.get_decoder()(input_ids=input_ids.to(worker.model.device),
-                                                attention_mask=attention_mask.to(worker.model.device)).last_hidden_state
+        hidden_BTH = decoder_hidden(worker.model, seqs)
         # logits at the recorded positions only (last prompt token .. last response token), in one matmul
         rows = torch.cat([hidden_BTH[b, len(p["input_ids"]) - 1:len(s)] for b, (p, s) in enumerate(zip(chunk, seqs))])
         output_logits(worker.model, rows)

@@ -18,16 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval.decoder as decoder_module
-from eval.decoder import (
-    Acceptance,
-    accept,
-    commit,
-    compile_base,
-    first_divergence,
-    plain_greedy,
-    prefill,
-    verify,
-)
+from eval.decoder import Acceptance, accept, commit, compile_base, first_divergence, plain_greedy, prefill, verify
 from eval.metrics import DecodeStats
 from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch

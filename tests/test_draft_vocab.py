@@ -21,12 +21,7 @@ from eval.beam import draft
 from eval.decoder import plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch, select_draft_vocab
-from pipeline.export import (
-    drafter_from_state,
-    expected_tensors,
-    export_drafter,
-    load_exported,
-)
+from pipeline.export import drafter_from_state, expected_tensors, export_drafter, load_exported
 from pipeline.loss import distill_loss
 from pipeline.train import vocab_maps
 from tests.test_decoder import MAX_NEW, V, make_prompts, seen_bigram_table

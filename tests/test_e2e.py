@@ -153,11 +153,8 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     aliases = {a for r in runs for art in r["artifacts"] for a in art["aliases"]}
     assert kind in aliases, aliases
 
-    # the same command again: every stage is reused, nothing redone
-    shard_mtimes = {p: p.stat().st_mtime for p in (run / "teacher" / "shards").iterdir()}
-    log2 = _submit(ray_cluster, tmp_path)
-    assert {p: p.stat().st_mtime for p in (run / "teacher" / "shards").iterdir()} == shard_mtimes
-    assert "reusing" in log2
+    # (the same submission again resuming or reusing: test_ray_job_stop_mid_teacher_then_the_same_submission_resumes;
+    # reuse of finished stages: tests/test_plan.py)
 
 
 @pytest.mark.e2e
@@ -169,7 +166,7 @@ def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, 
 
     env = {**ray_cluster, "RAY_AUTH_MODE": "token"} if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) \
         else ray_cluster
-    overrides = ["recipe=tiny", "run.name=stop", "data.train.limit=40", "teacher.shard_size=2",
+    overrides = ["recipe=tiny", "run.name=stop", "data.train.limit=24", "teacher.shard_size=2",
                  "teacher.max_new_tokens=48", "teacher.num_actors=1", "run.stages=[teacher]",
                  f"run.output_dir={tmp_path}"]
     job = f"draftforge-stop-{os.getpid()}"
@@ -188,7 +185,7 @@ def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, 
                              timeout=300)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     done = [json.loads(line)["name"] for line in journal.read_text().splitlines() if line.strip().endswith("}")]
-    assert len(done) < 20, "the teacher stage finished before the stop"
+    assert len(done) < 12, "the teacher stage finished before the stop"
     shards = tmp_path / "stop" / "teacher" / "shards"
     kept = {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done}
     summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
@@ -196,5 +193,5 @@ def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, 
     log = _submit(env, tmp_path, overrides=overrides)
     assert "stage teacher: will resume" in log, log[-3000:]
     manifest = json.loads((tmp_path / "stop" / "teacher" / "manifest.json").read_text())
-    assert manifest["num_sequences"] == 40 and len(manifest["shards"]) == 20
+    assert manifest["num_sequences"] == 24 and len(manifest["shards"]) == 12
     assert {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done} == kept

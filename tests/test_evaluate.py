@@ -9,13 +9,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from eval.evaluate import run_eval
-from pipeline.config import (
-    DataConfig,
-    EvalConfig,
-    GateConfig,
-    ModelConfig,
-    PromptSource,
-)
+from pipeline.config import DataConfig, EvalConfig, GateConfig, ModelConfig, PromptSource
 from pipeline.drafter import build_drafter, make_arch
 from pipeline.gate import decide
 

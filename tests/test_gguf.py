@@ -117,15 +117,42 @@ def test_real_smollm2_converts_once_and_loads(converted, capfd):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])  # a real model, not noise
 
 
-def test_damaged_cache_is_reconverted_with_a_warning(converted):
+def test_damaged_cache_is_reconverted_with_a_warning(converted, monkeypatch):
+    """A cached file that no longer hashes as recorded: the cache says so and converts again, replacing the
+    damaged directory whole. (The dequantization itself is the fixture's real conversion; here `_convert`
+    relinks those same files, so the test does not spend another 25 s converting.)"""
+    import os
+    import shutil
+
     target, cache = converted
     config = target / "config.json"
     original = config.read_text()
-    config.write_text(original.replace("576", "577"))
-    gguf._VERIFIED.clear()  # a new process would re-check the files
-    with pytest.warns(UserWarning, match="does not match its GGUF .* converting again"):
-        again = gguf.converted_dir(SMOLLM2, cache)
-    assert again == target and config.read_text() == original
+    kept = cache / "kept-by-test"
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir()
+    files = [p.name for p in target.iterdir() if p.is_file() and p.name not in ("config.json", gguf.SOURCE)]
+    for name in files:
+        os.link(target / name, kept / name)
+    converts = []
+
+    def relink(path, out):
+        converts.append(path)
+        for name in files:
+            os.link(kept / name, out / name)
+        (out / "config.json").write_text(original)
+
+    try:
+        config.write_text(original.replace("576", "577"))
+        gguf._VERIFIED.clear()  # a new process would re-check the files
+        monkeypatch.setattr(gguf, "_convert", relink)
+        with pytest.warns(UserWarning, match="does not match its GGUF .* converting again"):
+            again = gguf.converted_dir(SMOLLM2, cache)
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+    assert again == target and config.read_text() == original and len(converts) == 1
+    gguf._VERIFIED.clear()
+    assert gguf.converted_dir(SMOLLM2, cache) == target  # whole again: no warning, no conversion
+    assert len(converts) == 1
 
 
 def test_gguf_dequantized_weights_match_transformers_direct_load(converted):

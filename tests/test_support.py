@@ -7,16 +7,8 @@ a tested family without unsupported features, or refused with the feature named.
 from __future__ import annotations
 
 import pytest
-from transformers import (
-    Gemma2Config,
-    Gemma3TextConfig,
-    Llama4TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    OlmoConfig,
-    Qwen2Config,
-    Qwen3NextConfig,
-)
+from transformers import (Gemma2Config, Gemma3TextConfig, Llama4TextConfig, LlamaConfig, MistralConfig, OlmoConfig,
+                          Qwen2Config, Qwen3NextConfig)
 
 from pipeline.support import check_support, unsupported_features
 

@@ -227,122 +227,69 @@ def registered_step(out: Path) -> int:
     return max((latest_checkpoint_step(out, run.name) or 0 for run in (out / "ray").glob("train-*")), default=0)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_identical(ray_local, tiny_model_dir, teacher_dir,
-                                                                               clean_long_run, tmp_path, capfd):
-    """A training worker SIGKILLed mid-run: Ray Train restarts the worker group from the last checkpoint
-    (train.max_failures) inside the same run, and the drafter equals an uninterrupted run's, bit for bit."""
+def test_a_killed_worker_restarts_and_a_full_disk_gives_up_then_the_rerun_ends_identical(
+        ray_local, tiny_model_dir, teacher_dir, clean_long_run, small_disk, capfd):  # noqa: F811 (the fixture)
+    """Two faults in one 60-step run (train.max_failures=1), the run directory on a real tmpfs:
+    1. a training worker is SIGKILLed after checkpoint 20: Ray Train restarts the worker group from the last
+       checkpoint inside the same Ray run;
+    2. after the restarted group has registered a new checkpoint, the disk fills up: writing the next
+       checkpoint fails and, with no restarts left, the stage gives up with ONE line that the pipeline
+       recognises as a full disk (it prints "no space left on the disk of ... rerun the same command") and
+       that says from which checkpoint a rerun resumes (only checkpoints Ray Train registered count).
+    After the disk grows, the same call resumes there and ends with the uninterrupted run's drafter, bit for
+    bit."""
     import os
+    import re
+    import shutil
     import signal
     import threading
     import time
 
     import psutil
-
-    cfg = LONG
-    model = ModelConfig(base_model=str(tiny_model_dir))
-    clean_out, clean = clean_long_run
-    killed_out, killed = tmp_path / "killed", []
-
-    def kill_a_worker_after_the_first_checkpoint():
-        # once checkpoint 20 is on disk, checkpoint 10 is surely registered with Ray Train
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((killed_out / "ray").glob("train-*/checkpoint_0000020")):
-            time.sleep(0.05)
-        ours = [p for p in psutil.Process().children(recursive=True)  # this test's own cluster only
-                if any("RayTrainWorker" in part for part in p.cmdline())]
-        if ours:
-            os.kill(ours[0].pid, signal.SIGKILL)
-            killed.append(ours[0].pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    result = run_train(model, DRAFTER, cfg, TrackingConfig(mode="disabled"), teacher_dir, killed_out, seed=0)
-    killer.join(timeout=5)
-    assert killed, "no training worker was found to kill"
-    assert result["steps"] == clean["steps"] == 60
-    time.sleep(2)  # worker output reaches the driver asynchronously
-    import re
-
-    assert re.search(r"train: resuming from step (10|20|30)", "".join(capfd.readouterr()))  # from a checkpoint
-    assert sha256_file(killed_out / "drafter" / "drafter.safetensors") == \
-        sha256_file(clean_out / "drafter" / "drafter.safetensors")
-    assert len(list((killed_out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
-
-
-def test_a_full_disk_while_checkpointing_fails_clearly_and_the_rerun_ends_identical(
-        ray_local, tiny_model_dir, teacher_dir, clean_long_run, small_disk, capfd):  # noqa: F811 (the fixture)
-    """The run directory on a real tmpfs that fills up after the first checkpoint: writing the next one
-    fails, the stage stops with an error the pipeline recognises as a full disk (it prints "no space left
-    on the disk of ... rerun the same command") and says from which checkpoint a rerun resumes; only
-    checkpoints Ray Train registered count. After the disk grows, the rerun resumes from there and ends
-    with the uninterrupted run's drafter, bit for bit."""
-    import re
-    import shutil
-    import threading
-    import time
 
     from pipeline.main import disk_full
     from tests.test_faults import _resize
 
-    cfg = dataclasses.replace(LONG, max_failures=0)
     model, off = ModelConfig(base_model=str(tiny_model_dir)), TrackingConfig(mode="disabled")
-    clean_out, _ = clean_long_run
+    clean_out, clean = clean_long_run
     out = small_disk / "train"
     _resize(small_disk, 64 << 20)
-    filled = []
+    killed, filled = [], []
 
-    def fill_after_the_first_checkpoint():
+    def faults():
         deadline = time.time() + 300
-        while time.time() < deadline and registered_step(out) < 10:
+        while time.time() < deadline and not list((out / "ray").glob("train-*/checkpoint_0000020")):
+            time.sleep(0.02)
+        before = registered_step(out)
+        ours = [p for p in psutil.Process().children(recursive=True)  # this test's own cluster only
+                if any("RayTrainWorker" in part for part in p.cmdline())]
+        if ours:
+            os.kill(ours[0].pid, signal.SIGKILL)
+            killed.append(before)
+        while time.time() < deadline and registered_step(out) <= before:  # the restarted group checkpointed
             time.sleep(0.01)
         _resize(small_disk, shutil.disk_usage(small_disk).used + 4096)  # one page left: no checkpoint fits
         filled.append(registered_step(out))
 
-    threading.Thread(target=fill_after_the_first_checkpoint, daemon=True).start()
+    threading.Thread(target=faults, daemon=True).start()
     with pytest.raises(RuntimeError) as failure:
-        run_train(model, DRAFTER, cfg, off, teacher_dir, out, seed=0)
-    assert filled and disk_full(failure.value), failure.value
+        run_train(model, DRAFTER, LONG, off, teacher_dir, out, seed=0)
+    first = "".join(capfd.readouterr())
+    assert killed and filled, "the faults were not injected"
+    assert re.search(r"train: resuming from step (10|20|30)", first)  # the restart resumed from a checkpoint
+    assert len(list((out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
+    assert disk_full(failure.value), failure.value
     step = registered_step(out)
-    assert 10 <= step < 60 and f"resumes from the checkpoint at step {step}" in str(failure.value)
+    line = str(failure.value)
+    assert "\n" not in line and line.startswith("training failed after 1 restart(s) of the worker group"), line
+    assert filled[0] <= step < 60
+    assert line.endswith(f"Rerunning the same command resumes from the checkpoint at step {step}"), line
     assert not (out / "drafter").exists()  # no drafter from a run that did not finish
 
     _resize(small_disk, 64 << 20)
-    capfd.readouterr()
-    result = run_train(model, DRAFTER, cfg, off, teacher_dir, out, seed=0)
-    assert result["steps"] == 60
+    result = run_train(model, DRAFTER, LONG, off, teacher_dir, out, seed=0)
+    assert result["steps"] == clean["steps"] == 60
     time.sleep(2)  # worker output reaches the driver asynchronously
     assert re.search(rf"train: resuming from step {step}\b", "".join(capfd.readouterr()))
     assert sha256_file(out / "drafter" / "drafter.safetensors") == \
         sha256_file(clean_out / "drafter" / "drafter.safetensors")
-
-
-def test_giving_up_says_where_a_rerun_resumes(ray_local, tiny_model_dir, teacher_dir, tmp_path):
-    """With no restarts allowed (train.max_failures=0) a killed worker ends the stage with one line that says
-    from which checkpoint rerunning the same command resumes."""
-    import os
-    import re
-    import signal
-    import threading
-    import time
-
-    import psutil
-
-    cfg = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=0)
-    out = tmp_path / "out"
-
-    def kill_a_worker():
-        deadline = time.time() + 300
-        while time.time() < deadline and registered_step(out) < 20:
-            time.sleep(0.05)
-        for p in psutil.Process().children(recursive=True):
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                os.kill(p.pid, signal.SIGKILL)
-                return
-
-    threading.Thread(target=kill_a_worker, daemon=True).start()
-    with pytest.raises(RuntimeError) as failure:
-        run_train(ModelConfig(base_model=str(tiny_model_dir)), DRAFTER, cfg, TrackingConfig(mode="disabled"),
-                  teacher_dir, out, seed=0)
-    line = str(failure.value)
-    assert "\n" not in line and line.startswith("training failed after 0 restart(s) of the worker group")
-    assert re.search(r"Rerunning the same command resumes from the checkpoint at step (20|30|40|50)$", line), line
