@@ -17,6 +17,7 @@ rejected draft costs nothing but a pointer that does not move.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import Callable
@@ -390,13 +391,14 @@ class Proposal:
     candidate_BW: torch.Tensor | None = None
 
 
-class Proposer:
+class Proposer(abc.ABC):
     """Makes a step's candidate paths: drafter beams (eval/beam.py), sampled drafter chains
     (eval/sampling.py), a prompt-lookup path beside either (eval/ngram.py), lookahead's pooled n-grams
     with its Jacobi window (eval/lookahead.py), or g0 alone (plain decoding)."""
 
+    @abc.abstractmethod
     def propose(self, state: DecodeState) -> Proposal:
-        raise NotImplementedError
+        """The step's candidate paths from the row states (every proposer defines it)."""
 
     def pack(self, proposal: Proposal, dedup: bool) -> Tree:
         """The tree the forward runs over (shared prefixes once); lookahead adds its window here."""

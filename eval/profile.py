@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from eval.decoder import STEP_PHASES, plain_greedy, prefill
+from eval.decoder import STEP_PHASES, plain_greedy, prefill, run_step
 from eval.metrics import DecodeStats
 from eval.speculative import SpeculativeDecoder
 
@@ -51,8 +51,9 @@ def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_t
     for prompt in prompts:
         state = prefill(dec.model, [prompt], len(prompt) + max_new_tokens + slots, max_new_tokens, eos_token_id)
         clock.lap("prefill")
+        proposer, verifier = dec.parts()  # the decoder's own step parts, built once per prompt as in generate()
         while not bool(state.done_B.all()):
-            dec.step(state, stats, clock=clock)  # the decoder's own step, timed phase by phase
+            run_step(dec.model, proposer, verifier, state, stats, dedup=dec.tree_attention, clock=clock)
             steps += 1
         plain = plain_greedy(dec.model, [prompt], max_new_tokens, eos_token_id)
         plain_seconds += plain.seconds

@@ -176,8 +176,13 @@ def accept_tree(tokens_BWL: torch.Tensor, q_BWKV: torch.Tensor, logits_BPV: torc
 # ---- reference rule (NOT lossless) -----------------------------------------------------------
 
 def accept_reference(tokens_BWL: torch.Tensor, log_q_BWKV: torch.Tensor, logits_BPV: torch.Tensor,
-                     unpacker_BWL: torch.Tensor, temperature: float, generator: torch.Generator | None) -> Choice:
-    """The reference's rule over deterministic beams (module docstring): biased, see there."""
+                     unpacker_BWL: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                     candidate_BW: torch.Tensor | None = None) -> Choice:
+    """The reference's rule over deterministic beams (module docstring): biased, see there. Every beam is a
+    candidate (no hybrid lookup path: SpeculativeDecoder refuses that combination)."""
+    if candidate_BW is not None:
+        raise ValueError("the reference acceptance rule takes no candidate mask (it is not combined with hybrid "
+                         "drafting)")
     B, W, L = tokens_BWL.shape
     rows_B = torch.arange(B, device=tokens_BWL.device)
     p_BWLV = probs_at(logits_BPV.gather(1, unpacker_BWL.flatten(1)[..., None].expand(-1, -1, logits_BPV.shape[-1]))
@@ -222,9 +227,8 @@ class SamplingVerifier:
 
     def __call__(self, proposal: Proposal, tree: Tree, logits_BPV: torch.Tensor, hidden_BPD: torch.Tensor) -> Acceptance:
         tokens_BWL = proposal.paths_BWL
-        extra = {} if proposal.candidate_BW is None else {"candidate_BW": proposal.candidate_BW}
         choice = self.rule(tokens_BWL, proposal.q_BWKV, logits_BPV, tree.unpacker_BWL, self.temperature,
-                           self.generator, **extra)
+                           self.generator, proposal.candidate_BW)
         rows_B = torch.arange(tokens_BWL.shape[0], device=tokens_BWL.device)
         path_BL = tree.unpacker_BWL[rows_B, choice.chain_B]
         return Acceptance(choice.chain_B, choice.num_accepted_B, tokens_BWL[rows_B, choice.chain_B], path_BL,
