@@ -20,9 +20,9 @@ from eval.decoder import compile_base, first_divergence, only_numerical_ties, pl
 from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model
-from pipeline.config import DataConfig, EvalConfig, ModelConfig
+from pipeline.config import ADDED_LATER, DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter, DrafterArch
-from pipeline.lineage import hash_json, sha256_file
+from pipeline.lineage import hash_json, hashed_settings, sha256_file
 
 
 def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> Drafter:
@@ -156,10 +156,8 @@ def _sampling_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, inc
 def eval_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, drafter_dir: Path,
                 incumbent_dir: Path | None = None) -> dict:
     """What an eval record is made from; a record with the same inputs is reused."""
-    settings = vars(eval_cfg).copy()
-    if not settings.get("hybrid_ngram"):  # added later: off leaves the records made before it valid
-        settings.pop("hybrid_ngram", None)
-    return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"), "eval": settings,
+    return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"),
+            "eval": hashed_settings(vars(eval_cfg), ADDED_LATER["eval"]),
             "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
             "model": vars(model_cfg),
             "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}

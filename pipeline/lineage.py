@@ -64,6 +64,13 @@ def code_version() -> str:
         return "unknown"
 
 
+def hashed_settings(settings: dict, added_later: dict) -> dict:
+    """`settings` as they enter a content hash. One rule for settings added after records were already made:
+    at the value that reproduces the old behaviour (its entry in `added_later`) a setting hashes as absent,
+    so teacher data, drafters and eval records made before it existed stay valid; any other value is hashed."""
+    return {k: v for k, v in settings.items() if not (k in added_later and v == added_later[k])}
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """Nested dicts as {"a.b.c": leaf}."""
     out = {}

@@ -27,9 +27,9 @@ import torch
 
 from pipeline import atomic
 from pipeline.base_model import base_model_fingerprint, check_vocab, load_base_model, load_tokenizer, resolve_model_path
-from pipeline.config import DataConfig, ModelConfig, TeacherConfig
+from pipeline.config import ADDED_LATER, DataConfig, ModelConfig, TeacherConfig
 from pipeline.gguf import gguf_source
-from pipeline.lineage import changed_keys, flatten, hash_json, sha256_file, tokenizer_hash
+from pipeline.lineage import changed_keys, flatten, hash_json, hashed_settings, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, non_finite, write_shard
 from pipeline.support import output_logits
 
@@ -105,11 +105,8 @@ def completed_shards(out_dir: Path, expected_rows: dict[str, int]) -> dict[str, 
 def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer,
                      prompts: list, seed: int) -> dict:
     """Everything the teacher data depends on. Execution settings (EXECUTION_ONLY) are left out."""
-    teacher = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY}
-    if teacher["responses"] == "generate":  # the default, left out so data made before the switch still matches
-        del teacher["responses"]
-    if teacher["engine"] == "hf":  # likewise (added later); another engine may generate other tokens
-        del teacher["engine"]
+    teacher = hashed_settings({k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY},
+                              ADDED_LATER["teacher"])
     recipe = {"teacher": teacher, "data_train": dataclasses.asdict(data_cfg.train), "seed": seed,
               "chat_template": data_cfg.chat_template, "max_prompt_tokens": data_cfg.max_prompt_tokens,
               "model_dtype": model_cfg.dtype}
