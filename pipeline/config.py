@@ -92,20 +92,14 @@ class DrafterConfig:
     # -1 = auto: AUTO_DRAFT_VOCAB tokens when the base vocabulary exceeds LARGE_VOCAB (Llama 3, Qwen,
     # Gemma, gpt-oss: a full-vocabulary head would cost more than a small base model), else full
     draft_vocab_size: int = -1
-    # how the output layer starts: "random" (the reference), or "base": the base model's own output rows
-    # (its lm_head, restricted to the draft vocabulary) reading h through an identity input projection, so
-    # step 0 already predicts in the base model's token space (docs/design.md §1.1)
-    head_init: str = "random"
 
 
 LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
-HEAD_INITS = ("random", "base")
 
 # Settings added after teacher data, drafters and eval records were made, with the value that behaves as
 # before: at that value they hash as absent (pipeline/lineage.hashed_settings), so old work is reused.
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
-    "drafter": {"head_init": "random"},
     "eval": {"hybrid_ngram": 0},
 }
 
@@ -318,8 +312,6 @@ def _value_problems(cfg: Config) -> list[str]:
     if 0 < cfg.drafter.draft_vocab_size <= cfg.eval.beam_width:
         p.append(f"'drafter.draft_vocab_size'={cfg.drafter.draft_vocab_size} must exceed eval.beam_width="
                  f"{cfg.eval.beam_width}")
-    if cfg.drafter.head_init not in HEAD_INITS:
-        p.append(f"bad value for 'drafter.head_init': {cfg.drafter.head_init!r}; use one of {', '.join(HEAD_INITS)}")
     if cfg.drafter.horizon < 2:
         p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
     if cfg.eval.beam_length < 2:

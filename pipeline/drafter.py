@@ -96,32 +96,6 @@ class Drafter(nn.Module):
         elif d2t is not None:
             raise ValueError("d2t given for a full-vocabulary drafter (draft_vocab_size=0)")
 
-    @torch.no_grad()
-    def start_from_base(self, base_head_VH: torch.Tensor) -> None:
-        """Start the output layer as the base model's own (docs/design.md §1.1; `drafter.head_init=base`).
-
-        The output rows become the base model's output embedding rows of the drafter's vocabulary (`d2t`),
-        and z = [h; s] reaches them through an identity on h: input_proj = [I 0] when exit_dim != 2H, else
-        the head's columns for s start at zero. The residual blocks already start as identities, so at step 0
-        the drafter predicts exactly the base model's next-token logits from h (Medusa starts its heads
-        likewise): training moves a predictor that is already in the base model's token space one token
-        further, instead of learning a 576 x 8192 read-out from nothing. Shapes and export are unchanged."""
-        H, D = self.arch.hidden_size, self.arch.exit_dim
-        if D < H:
-            raise ValueError(f"drafter.head_init=base needs exit_dim >= hidden_size={H} (got exit_dim={D}): "
-                             f"the base model's output rows read {H} features")
-        if tuple(base_head_VH.shape) != (self.arch.vocab_size, H):
-            raise ValueError(f"base output layer has shape {tuple(base_head_VH.shape)}, drafter expects "
-                             f"({self.arch.vocab_size}, {H})")
-        rows = base_head_VH[self.d2t] if self.arch.draft_vocab_size else base_head_VH
-        head = self.lm_head[-1].weight
-        head.zero_()
-        head[:, :H] = rows.to(head.dtype)
-        if hasattr(self, "input_proj"):
-            self.input_proj.weight.zero_()
-            self.input_proj.weight[:H, :H] = torch.eye(H, dtype=head.dtype)
-            self.input_proj.bias.zero_()
-
     def init_state(self, like_h: torch.Tensor, *batch_dims: int) -> torch.Tensor:
         """s_0 = 0, shaped (*batch_dims, H)."""
         return like_h.new_zeros(*batch_dims, self.arch.hidden_size)

@@ -362,25 +362,26 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     created = not run_dir.exists()
     lock = lock_run_dir(run_dir)  # held while this run lasts: a second run on the same directory refuses
     try:
-        return _run_stages(cfg, run_dir, created)
+        return _run_stages(cfg, RunLayout(run_dir), created)
     finally:
         lock.close()
 
 
-def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
+def _run_stages(cfg: Config, run: RunLayout, created: bool) -> dict:
     from pipeline.plan import plan_stages, refusals
     from pipeline.tracking import open_run
 
+    run_dir = run.root
     plans = plan_stages(cfg, run_dir)  # nothing in the run directory is touched before these checks pass
     refused = refusals(plans)
     if refused:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ValueError("\n".join(p.line() for p in refused) + "\nNothing was written.")
-    ConsoleLog.open(RunLayout(run_dir).console)
+    ConsoleLog.open(run.console)
     for plan in plans:
         print(plan.line(), flush=True)
-    RunLayout(run_dir).resolved_config.write_text(to_yaml(cfg))
+    run.resolved_config.write_text(to_yaml(cfg))
     init_ray(cfg)
     _stop_on_sigterm()  # again: ray.init installs a handler that aborts the driver on SIGTERM
 
@@ -394,9 +395,9 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
 
     def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
         try:
-            atomic.write_json(RunLayout(run_dir).summary, summary, default=str)
+            atomic.write_json(run.summary, summary, default=str)
         except OSError as e:  # a full disk must not hide the error that stopped the run
-            print(f"warning: could not write {RunLayout(run_dir).summary}: {e}", file=sys.stderr)
+            print(f"warning: could not write {run.summary}: {e}", file=sys.stderr)
 
     current = None
     try:
@@ -405,7 +406,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             from pipeline.teacher import run_teacher
 
             t = time.time()
-            manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, RunLayout(run_dir).teacher, seed=cfg.run.seed)
+            manifest = run_teacher(cfg.model, cfg.data, cfg.teacher, run.teacher, seed=cfg.run.seed)
             times["teacher"] = time.time() - t
             tracker = stage_run("teacher")
             tracker.log({"teacher/sequences": manifest["num_sequences"], "teacher/tokens": manifest["num_tokens"],
@@ -419,9 +420,8 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             from pipeline.train import run_train
 
             t = time.time()
-            train_result = run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, RunLayout(run_dir).teacher,
-                                     RunLayout(run_dir).train, seed=cfg.run.seed, wandb_group=cfg.run.name,
-                                     wandb_dir=run_dir)
+            train_result = run_train(cfg.model, cfg.drafter, cfg.train, cfg.tracking, run.teacher, run.train,
+                                     seed=cfg.run.seed, wandb_group=cfg.run.name, wandb_dir=run_dir)
             times["train"] = time.time() - t
             summary["train"] = train_result
             status["train"] = "done"
@@ -430,7 +430,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
         if "eval" in cfg.run.stages:
             tracker = stage_run("eval")
             try:
-                summary.update(evaluate_and_gate(cfg, run_dir, tracker, times))
+                summary.update(evaluate_and_gate(cfg, run, tracker, times))
             finally:
                 tracker.finish()
             status["eval"] = "done"
@@ -440,7 +440,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
             summary["error"] = {"stage": current, "type": e.__class__.__name__, "message": str(e)[:2000]}
         raise
     finally:
-        wandb_dir = RunLayout(run_dir).wandb
+        wandb_dir = run.wandb
         summary["wandb"] = (f"{wandb_dir} (group {cfg.run.name!r}; `wandb sync {wandb_dir}/offline-run-*` uploads it)"
                             if cfg.tracking.mode == "offline" else
                             f"group {cfg.run.name!r} in project {cfg.tracking.project!r}"
@@ -452,7 +452,7 @@ def _run_stages(cfg: Config, run_dir: Path, created: bool) -> dict:
     return summary
 
 
-def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
+def evaluate_and_gate(cfg: Config, run: RunLayout, tracker, times: dict) -> dict:
     """Eval (vs plain, the training-free baselines and the incumbent), gate, export, registry."""
     from eval.evaluate import eval_set_key, run_eval
     from pipeline.base_model import base_model_fingerprint, resolve_model_path
@@ -461,7 +461,6 @@ def evaluate_and_gate(cfg: Config, run_dir: Path, tracker, times: dict) -> dict:
     from pipeline.lineage import code_version, hash_json, sha256_file
 
     t = time.time()
-    run = RunLayout(run_dir)
     drafter_dir = run.drafter
     if not (drafter_dir / "drafter.safetensors").is_file():
         raise ValueError(f"no trained drafter in {drafter_dir}: run the train stage first")

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from pipeline import atomic
-from pipeline.config import ADDED_LATER, DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
+from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
 from pipeline.drafter import build_drafter, make_arch
-from pipeline.lineage import hash_json, hashed_settings
+from pipeline.lineage import hash_json
 from pipeline.loss import add_stats, distill_loss, make_batch, position_metrics, position_weights
 from pipeline.shards import read_shard
 
@@ -109,11 +109,10 @@ def _heldout(rows: list[int], fraction: float, seed: int) -> set[tuple[int, int]
     return set(zip(shard.tolist(), (pick - offsets[shard]).tolist()))
 
 
-def load_embedding_table(model_cfg: ModelConfig, which: str = "input") -> torch.Tensor:
-    """The base model's (V, H) input embeddings (or, with which="output", its output layer) in fp32. Reads only
-    that tensor from a local safetensors checkpoint when it can find it (a 70B model is not loaded per
-    worker); else loads the model."""
-    from pipeline.base_model import load_base_model, resolve_model_path
+def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
+    """The base model's (V, H) input embeddings in fp32. Reads only that tensor from a local safetensors
+    checkpoint when it can find it (a 70B model is not loaded per worker); else loads the model."""
+    from pipeline.base_model import input_embeddings, load_base_model, resolve_model_path
 
     path = Path(resolve_model_path(model_cfg))
     if path.is_dir():
@@ -123,7 +122,7 @@ def load_embedding_table(model_cfg: ModelConfig, which: str = "input") -> torch.
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-        weight = (skeleton.get_input_embeddings() if which == "input" else skeleton.get_output_embeddings()).weight
+        weight = skeleton.get_input_embeddings().weight
         names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
         index = path / "model.safetensors.index.json"
         files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
@@ -134,8 +133,7 @@ def load_embedding_table(model_cfg: ModelConfig, which: str = "input") -> torch.
                     if name in f.keys() and tuple(f.get_slice(name).get_shape()) == tuple(weight.shape):
                         return f.get_tensor(name).float()
     model, _ = load_base_model(model_cfg)
-    table = model.get_input_embeddings() if which == "input" else model.get_output_embeddings()
-    return table.weight.detach().float().cpu()
+    return input_embeddings(model)
 
 
 def check_schedule(train_cfg: TrainConfig, steps_per_epoch: int) -> None:
@@ -180,7 +178,7 @@ def train_inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainCon
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY}
     # what the data IS, never when it was written: a repaired shard must not throw away training progress
     data = {k: v for k, v in manifest.items() if k != "created_at"}
-    return {"teacher_manifest_hash": hash_json(data), "drafter": hashed_settings(dataclasses.asdict(drafter_cfg), ADDED_LATER["drafter"]),
+    return {"teacher_manifest_hash": hash_json(data), "drafter": dataclasses.asdict(drafter_cfg),
             "train": train, "seed": seed}
 
 
@@ -363,8 +361,6 @@ def train_worker(config: dict) -> None:
                      dc.horizon, dc.draft_vocab_size)
     d2t = torch.tensor(config["draft_vocab"]["d2t"]) if arch.draft_vocab_size else None
     drafter = build_drafter(arch, load_embedding_table(config["model_cfg"]), seed=seed, d2t=d2t)
-    if dc.head_init == "base":
-        drafter.start_from_base(load_embedding_table(config["model_cfg"], "output"))
     engine = init_engine(drafter, tc, world, total_steps=max(planned, stop))  # max_steps does not rescale the lr
     K, weights = arch.horizon - 1, position_weights(arch.horizon - 1, tc.position_weight_decay)
     maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)

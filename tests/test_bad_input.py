@@ -13,6 +13,7 @@ from pipeline.config import load_config
 
 
 def test_drafter_of_another_base_model_is_refused_before_eval(tiny_model_dir, tmp_path):
+    from pipeline.layout import RunLayout
     from pipeline.main import evaluate_and_gate
 
     cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}"])
@@ -21,7 +22,7 @@ def test_drafter_of_another_base_model_is_refused_before_eval(tiny_model_dir, tm
     (drafter_dir / "drafter.safetensors").write_bytes(b"not read: the check comes first")
     (drafter_dir / "train_metrics.json").write_text(json.dumps({"base_model_hash": "f" * 64}))
     with pytest.raises(ValueError, match="trained on teacher data of another base model"):
-        evaluate_and_gate(cfg, tmp_path / "run", tracker=None, times={})
+        evaluate_and_gate(cfg, RunLayout(tmp_path / "run"), tracker=None, times={})
     assert not (tmp_path / "run" / "eval").exists()
 
 

@@ -244,25 +244,3 @@ def test_export_roundtrip_draft_vocab(tmp_path):
     h, tokens = torch.randn(4, H), torch.randint(0, Vb, (4, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(h, tokens), ref(h, tokens), atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("exit_dim, vocab", [(0, 0), (12, 40), (8, 0)])
-def test_head_init_base_starts_as_the_base_output_layer(exit_dim, vocab):
-    """drafter.head_init=base: at step 0 the drafter's logits ARE the base model's logits from h over its
-    vocabulary (d2t rows), whatever the state s; an exit_dim below H is refused with a clear error."""
-    H, Vb = 8, 64
-    torch.manual_seed(0)
-    embed, head = torch.randn(Vb, H), torch.randn(Vb, H)
-    arch = make_arch(Vb, H, exit_dim=exit_dim, draft_vocab_size=vocab)
-    d2t = torch.randperm(Vb)[:vocab].sort().values if vocab else None
-    drafter = build_drafter(arch, embed, seed=1, d2t=d2t)
-    drafter.start_from_base(head)
-    h = torch.randn(5, H)
-    tokens = torch.randint(0, Vb, (5, 3))
-    logits = drafter(h, tokens)  # every position: the state s differs, the logits may not
-    expected = h @ (head[d2t] if vocab else head).T
-    for i in range(tokens.shape[1]):
-        torch.testing.assert_close(logits[:, i], expected)
-    small = build_drafter(make_arch(Vb, H, exit_dim=H - 1), embed)
-    with pytest.raises(ValueError, match="exit_dim >= hidden_size"):
-        small.start_from_base(head)
