@@ -97,3 +97,23 @@ def test_draft_vocabulary_is_auto_by_default_and_resolves_by_vocabulary_size():
 def test_a_recipe_is_a_name_not_a_path(recipe):
     with pytest.raises(ConfigError, match="a recipe is a name in recipes/"):
         load_config([f"recipe={recipe}"])
+
+
+def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
+    """One rule for every setting added after work was recorded (config.ADDED_LATER): at the value that
+    behaves as before it is left out of the hash (old teacher data and eval records stay valid); any other
+    value is hashed, so work made with it is never mistaken for the old."""
+    import dataclasses
+
+    from pipeline.config import ADDED_LATER, EvalConfig, TeacherConfig
+    from pipeline.lineage import hash_json, hashed_settings
+
+    for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig)):
+        defaults = dataclasses.asdict(cls())
+        for key, old in ADDED_LATER[section].items():
+            assert key in defaults, f"{section}.{key} is not a setting"
+            at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
+            assert key not in at_old
+            other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3}[key]
+            changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
+            assert changed[key] == other and hash_json(changed) != hash_json(at_old)
