@@ -79,6 +79,11 @@ class TeacherConfig:
     # The seam for a serving engine (pipeline/teacher.py ENGINES); the recording pass is always one batched
     # forward over prompt + response.
     engine: str = "hf"
+    # a replica split into this many pipeline stages, each its own Ray actor with cpus_per_actor CPUs and
+    # gpus_per_actor GPUs and only its slice of the layers; the recording pass streams the batches through
+    # them so the stages work at the same time (pipeline/stages.py). 1 = the whole model in one actor.
+    # Records teacher-forced responses (responses=corpus): generation runs in one actor.
+    stages: int = 1
 
 
 @dataclass

@@ -31,10 +31,12 @@ from pipeline.config import ADDED_LATER, DataConfig, ModelConfig, TeacherConfig
 from pipeline.gguf import gguf_source
 from pipeline.lineage import changed_keys, flatten, hash_json, hashed_settings, sha256_file, tokenizer_hash
 from pipeline.shards import SCHEMA_VERSION, TeacherSequence, non_finite, write_shard
+from pipeline.stages import overlap_fraction, stage_problems, staged_records, start_stages
 from pipeline.support import output_logits
 
 SHARDS, JOURNAL, FINGERPRINT, MANIFEST = "shards", "progress.jsonl", "fingerprint.json", "manifest.json"
-EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size")  # may change between resumes
+# may change between resumes (a split replica computes the same records as a whole one)
+EXECUTION_ONLY = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size", "stages")
 
 
 def shard_name(index: int) -> str:
@@ -184,6 +186,10 @@ def settings_problems(teacher_cfg: TeacherConfig, config, prompts: list) -> list
     if not 0 < teacher_cfg.top_k < config.vocab_size:
         problems.append(f"teacher.top_k={teacher_cfg.top_k} must be in [1, vocab_size={config.vocab_size})")
     longest = max(len(p.input_ids) for p in prompts) + teacher_cfg.max_new_tokens
+    if teacher_cfg.stages > 1 and teacher_cfg.responses != "corpus":
+        problems.append(f"teacher.stages={teacher_cfg.stages} splits the recording pass of teacher-forced responses "
+                        "(teacher.responses=corpus); generation runs in one actor: use teacher.stages=1")
+    problems += stage_problems(teacher_cfg.stages, config)
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions and longest > max_positions:
         problems.append(f"the longest training prompt + teacher.max_new_tokens = {longest} tokens exceeds the base "
@@ -262,17 +268,18 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))  # one shard per block: results stream
+    split = teacher_cfg.stages > 1  # then the actor only coordinates; its stage actors hold the CPUs and GPUs
     ds = ds.map_batches(
         TeacherWorker, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(teacher_cfg.num_actors, len(pending))),
-        num_gpus=teacher_cfg.gpus_per_actor, num_cpus=teacher_cfg.cpus_per_actor,
+        num_gpus=0 if split else teacher_cfg.gpus_per_actor, num_cpus=0 if split else teacher_cfg.cpus_per_actor,
         fn_constructor_kwargs={"model_cfg": model_cfg, "teacher_cfg": teacher_cfg,
                                "shards_dir": str(out_dir / SHARDS), "eos_id": tokenizer.eos_token_id,
                                "pad_id": tokenizer.pad_token_id, "seed": seed},
     )  # Ray Data already gives its actors max_restarts=-1 and max_task_retries=-1 (a crashed actor is
     # restarted and its shard retried); on Ray 2.60 passing them means the deprecated **ray_remote_args.
     ds.context.enable_progress_bars = False  # our bar counts shards
-    finished = {}
+    finished, overlaps = {}, []
     bar = tqdm(total=total, initial=total - len(pending), desc="teacher shards", unit="shard", disable=not progress)
     try:
         for row in ds.iter_rows():
@@ -280,6 +287,8 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
                      "tokens": int(row["tokens"])}
             _append_journal(out_dir, entry)
             finished[entry["name"]] = entry
+            if row["overlap"] >= 0:
+                overlaps.append(float(row["overlap"]))
             bar.update(1)
     except Exception as e:  # noqa: BLE001 - re-raised with the cause's own last line and how to resume
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -293,6 +302,10 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"teacher: {len(finished)} shard(s) generated; driver peak RSS {peak_mb:.0f} MB "
           "(results stream shard by shard: the driver holds no teacher data)", flush=True)
+    if overlaps:
+        print(f"teacher: {teacher_cfg.stages} stages per replica worked at the same time for "
+              f"{100 * sum(overlaps) / len(overlaps):.0f}% of their busy time (mean over shards; 0% = in turn)",
+              flush=True)
     return finished
 
 
@@ -303,12 +316,19 @@ class TeacherWorker:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # this process is ours: no per-actor "Loading weights" bars
-        torch.set_num_threads(teacher_cfg.cpus_per_actor)  # as many threads as Ray reserved cores
-        gpus = teacher_cfg.gpus_per_actor
-        device_map = "auto" if gpus >= 1 else None  # one replica spread over the actor's GPUs
-        self.model, _ = load_base_model(model_cfg, device="cuda" if 0 < gpus < 1 else "cpu", device_map=device_map)
         self.cfg, self.shards_dir, self.seed = teacher_cfg, Path(shards_dir), seed
-        model_eos = self.model.generation_config.eos_token_id  # e.g. Llama 3: end_of_text and eot_id
+        if teacher_cfg.stages > 1:  # a split replica: this actor feeds its stage actors (pipeline/stages.py)
+            from transformers import GenerationConfig
+
+            self.model, self.stages = None, start_stages(model_cfg, teacher_cfg)
+            generation = GenerationConfig.from_pretrained(resolve_model_path(model_cfg))
+        else:
+            torch.set_num_threads(teacher_cfg.cpus_per_actor)  # as many threads as Ray reserved cores
+            gpus = teacher_cfg.gpus_per_actor
+            device_map = "auto" if gpus >= 1 else None  # one replica spread over the actor's GPUs
+            self.model, _ = load_base_model(model_cfg, device="cuda" if 0 < gpus < 1 else "cpu", device_map=device_map)
+            generation = self.model.generation_config
+        model_eos = generation.eos_token_id  # e.g. Llama 3: end_of_text and eot_id
         model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
         self.eos_ids = sorted({t for t in [eos_id, *model_eos] if t is not None})
         self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
@@ -335,8 +355,19 @@ class TeacherWorker:
 
     def records(self, prompts: list[dict]) -> list[TeacherSequence]:
         """A shard's sequences, in prompt order."""
-        by_index = {}
-        for batch in self.batches(prompts):
+        by_index, batches = {}, self.batches(prompts)
+        if self.model is None:  # split replica: every batch of the shard goes into the stage pipeline at once
+            staged = []
+            for batch in batches:
+                chunk = [prompts[i] for i in batch]
+                staged.append({"prompt_ids": [p["id"] for p in chunk], "prompts": [p["input_ids"] for p in chunk],
+                               "seqs": [p["input_ids"] + r for p, r in zip(chunk, self.responses(chunk))]})
+            results = staged_records(self.stages, staged)
+            self.busy = [span for r in results for span in r["busy"]]  # the stages' timeline of this shard
+            for batch, result in zip(batches, results):
+                by_index.update(zip(batch, result["records"]))
+            return [by_index[i] for i in range(len(prompts))]
+        for batch in batches:
             chunk = [prompts[i] for i in batch]
             records = teacher_records(self.model, [p["id"] for p in chunk], [p["input_ids"] for p in chunk],
                                       self.responses(chunk), self.cfg)
@@ -350,7 +381,8 @@ class TeacherWorker:
         path = self.shards_dir / name
         write_shard(seqs, path, self.cfg.hidden_dtype)
         return {"name": [name], "sha256": [sha256_file(path)], "rows": [len(seqs)],
-                "tokens": [sum(len(s.tokens) - 1 for s in seqs)]}
+                "tokens": [sum(len(s.tokens) - 1 for s in seqs)],
+                "overlap": [overlap_fraction(self.busy) if self.model is None else -1.0]}
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -403,15 +435,21 @@ def cut_response(tokens: list[int], eos_ids: list[int], max_new_tokens: int) -> 
     return list(tokens[:min(end, max_new_tokens)])
 
 
-def decoder_hidden(model, seqs: list[list[int]]) -> torch.Tensor:
-    """Post-norm hidden states (B, T, H) of right-padded sequences in one batched forward of the decoder
-    (causal attention: padding after a sequence changes none of its positions)."""
+def right_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of right-padded sequences (causal attention: padding after a sequence
+    changes none of its positions)."""
     width = max(len(s) for s in seqs)
     input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for b, s in enumerate(seqs):
         input_ids[b, :len(s)] = torch.tensor(s)
         attention_mask[b, :len(s)] = 1
+    return input_ids, attention_mask
+
+
+def decoder_hidden(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Post-norm hidden states (B, T, H) of right-padded sequences in one batched forward of the decoder."""
+    input_ids, attention_mask = right_padded(seqs)
     return model.get_decoder()(input_ids=input_ids.to(model.device),
                                attention_mask=attention_mask.to(model.device)).last_hidden_state
 
@@ -422,7 +460,14 @@ def teacher_records(model, prompt_ids: list[str], prompts: list[list[int]], resp
     """One forward over prompt+response (right-padded; causal attention keeps real positions exact), then per
     stored position (last prompt token .. last response token): post-norm hidden, top-k log-probs, tail."""
     seqs = [p + r for p, r in zip(prompts, responses)]
-    hidden_BTH = decoder_hidden(model, seqs)
+    return records_from_hidden(model, prompt_ids, prompts, seqs, decoder_hidden(model, seqs), cfg)
+
+
+@torch.no_grad()
+def records_from_hidden(model, prompt_ids: list[str], prompts: list[list[int]], seqs: list[list[int]],
+                        hidden_BTH: torch.Tensor, cfg: TeacherConfig) -> list[TeacherSequence]:
+    """The records of `seqs` (prompt + response) from their post-norm hidden states; `model` needs only its
+    output layer (the last stage of a split replica has nothing else: pipeline/stages.py)."""
     head_device = model.get_output_embeddings().weight.device
     records = []
     for b, (pid, prompt, seq) in enumerate(zip(prompt_ids, prompts, seqs)):
