@@ -150,7 +150,7 @@ def load_prompt_set(source, tokenizer, max_prompt_tokens: int, chat_template: st
     for name in names:
         one = dataclasses.replace(source, path=name)
         if name in (SHAREGPT, MTBENCH, MTBENCH_TURN2):
-            got, acc = _load_corpus(one, tokenizer, max_prompt_tokens, chat_template)
+            got, acc = _cached_corpus(one, tokenizer, max_prompt_tokens, chat_template)
         else:
             got = _load_file_prompts(one, tokenizer, max_prompt_tokens, chat_template)
             acc = {"considered": len(got), "kept": len(got), "skipped": {}, "notes": []}
@@ -162,6 +162,25 @@ def load_prompt_set(source, tokenizer, max_prompt_tokens: int, chat_template: st
     if len(set(ids)) != len(ids):
         raise ValueError(f"prompt source {source.path!r}: duplicate prompt ids across its parts")
     return prompts, accounting
+
+
+_CORPUS_CACHE: dict[tuple, tuple[list, dict]] = {}
+
+
+def _cached_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> tuple[list, dict]:
+    """`_load_corpus`, once per process for the same source and tokenizer: a run's preflight, plan, teacher
+    and eval stages all read the built-in corpora (packaged files that do not change while it runs), and
+    ShareGPT alone is a 125 MB JSON. Callers get their own lists and accounting."""
+    import copy
+
+    key = (repr(source), getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           getattr(tokenizer, "chat_template", None), max_prompt_tokens, chat_template)
+    if key not in _CORPUS_CACHE:
+        while len(_CORPUS_CACHE) >= 4:  # a run needs two or three (training corpus, eval corpora)
+            del _CORPUS_CACHE[next(iter(_CORPUS_CACHE))]
+        _CORPUS_CACHE[key] = _load_corpus(source, tokenizer, max_prompt_tokens, chat_template)
+    prompts, acc = _CORPUS_CACHE[key]
+    return list(prompts), copy.deepcopy(acc)
 
 
 def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) -> tuple[list, dict]:

@@ -301,7 +301,7 @@ def _value_problems(cfg: Config) -> list[str]:
             p.append(f"bad value in 'run.stages': {s!r}; stages are teacher, train, eval")
     positive = {
         "teacher.num_actors": cfg.teacher.num_actors, "teacher.batch_size": cfg.teacher.batch_size,
-        "teacher.cpus_per_actor": cfg.teacher.cpus_per_actor,
+        "teacher.cpus_per_actor": cfg.teacher.cpus_per_actor, "teacher.stages": cfg.teacher.stages,
         "teacher.max_new_tokens": cfg.teacher.max_new_tokens, "teacher.top_k": cfg.teacher.top_k,
         "teacher.shard_size": cfg.teacher.shard_size, "drafter.num_draft_layers": cfg.drafter.num_draft_layers,
         "train.num_workers": cfg.train.num_workers, "train.batch_size": cfg.train.batch_size,

@@ -131,7 +131,8 @@ def resource_plan(cfg, config) -> Plan:
                "train_activation_bytes": activations, "train_bytes_per_gpu": train_mem,
                "checkpoint_bytes": checkpoint, "export_bytes": dp * 2,
                "teacher_hours": teacher_h, "train_hours": train_h, "eval_hours": eval_h}
-    fits = "fits" if t.gpus_per_actor >= gpus_needed else "TOO FEW: raise teacher.gpus_per_actor"
+    replica_gpus = t.stages * t.gpus_per_actor  # a split replica: each stage actor has gpus_per_actor
+    fits = "fits" if replica_gpus >= gpus_needed else "TOO FEW: raise teacher.gpus_per_actor or teacher.stages"
     rows = [
         ("base model", f"{type(config).__name__}: {layers} layers, hidden {H}, {heads} heads ({kv_heads} KV, "
                        f"head_dim {head_dim}), vocab {V}"),
@@ -140,8 +141,10 @@ def resource_plan(cfg, config) -> Plan:
         ("teacher replica", f"weights {weights / GB:.1f} GB + KV {kv_batch / GB:.1f} GB (batch {t.batch_size} x "
                             f"{cfg.data.max_prompt_tokens + t.max_new_tokens} tokens) -> {gpus_needed} GPU(s) of "
                             f"{r.gpu_memory_gb:g} GB with {100 * r.memory_headroom:.0f}% headroom; recipe: "
-                            f"{t.gpus_per_actor:g} per replica ({fits})"),
-        ("teacher replicas", f"{t.num_actors} ({t.num_actors * max(t.gpus_per_actor, 1):g} GPUs)"),
+                            f"{replica_gpus:g} per replica"
+                            + (f" = {t.stages} pipeline stages x {t.gpus_per_actor:g}" if t.stages > 1 else "")
+                            + f" ({fits})"),
+        ("teacher replicas", f"{t.num_actors} ({t.num_actors * t.stages * max(t.gpus_per_actor, 1):g} GPUs)"),
         ("teacher tokens", f"<= {tokens:,} ({cfg.data.train.limit:,} prompts x {t.max_new_tokens} new tokens)"),
         ("teacher data", f"{per_token:,} B/token (hidden {hidden_bytes} + top-{t.top_k} {8 * t.top_k} + ids/tail 8) "
                          f"-> {per_token * tokens / GB:,.1f} GB"),

@@ -94,6 +94,12 @@ def test_plan_command_prints_without_weights_and_flags_what_does_not_fit(tmp_pat
     assert pm.main(["recipe=llama8b", f"model.base_model={model_dir}", "train.batch_size=2", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "output rows 32768 = draft vocabulary" in out and "WARNING" not in out
+    # a replica split into pipeline stages counts the GPUs of all its stage actors
+    assert pm.main(["recipe=llama70b", f"model.base_model={tmp_path / '70b'}", "teacher.stages=2",
+                    "teacher.gpus_per_actor=1", "teacher.num_actors=4", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: 2 per replica = 2 pipeline stages x 1 (TOO FEW: raise teacher.gpus_per_actor or teacher.stages)" in out
+    assert "teacher replicas      4 (8 GPUs)" in out
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
