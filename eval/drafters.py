@@ -41,6 +41,11 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=int, default=0, help="beam width; 0 = the first run's eval.beam_width")
     ap.add_argument("--length", type=int, default=0, help="beam length (with g0); 0 = the first run's")
     ap.add_argument("--profile-prompts", type=int, default=4, help="prompts for the ideal-speedup profile; 0 = skip")
+    ap.add_argument("--hybrid", default="", help="also measure each drafter's hybrid drafting (docs/design.md §3.3): "
+                    "comma-separated modes, 'tree' (the lookup path added to the tree) and/or 'switchM' (the lookup path "
+                    "instead of the drafter's where a match of at least M tokens exists), e.g. tree,switch2")
+    ap.add_argument("--hybrid-ngram", type=int, default=3, help="the hybrid's longest prompt-lookup n-gram")
+    ap.add_argument("--prompt-lookup", action="store_true", help="also measure transformers' prompt lookup")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/drafters.json"))
     return ap.parse_args(argv)
@@ -79,6 +84,19 @@ def main(argv=None) -> dict:
     decoders = {name: SpeculativeDecoder(model, dr, beam_width=W, beam_length=L) for name, dr in drafters.items()}
     methods = {"plain": lambda b: plain_greedy(model, b, n, eos)}
     methods.update({name: (lambda b, dec=dec: dec.generate(b, n, eos)) for name, dec in decoders.items()})
+    extra = {}  # hybrid modes and the prompt-lookup baseline, beside the drafters
+    for mode in [m.strip() for m in args.hybrid.split(",") if m.strip()]:
+        if mode != "tree" and not (mode.startswith("switch") and mode[6:].isdigit()):
+            raise SystemExit(f"error: --hybrid mode {mode!r}: use tree or switchM (M = the shortest match)")
+        switch = int(mode[6:]) if mode != "tree" else 0
+        for name, dr in drafters.items():
+            dec = SpeculativeDecoder(model, dr, beam_width=W, beam_length=L, ngram=args.hybrid_ngram, switch=switch)
+            extra[f"{name}+{mode}"] = lambda b, dec=dec: dec.generate(b, n, eos)
+    if args.prompt_lookup:
+        from eval.baselines import prompt_lookup_generate
+
+        extra["prompt_lookup"] = lambda b: prompt_lookup_generate(model, b, n, eos)
+    methods.update(extra)
     print(f"comparing {len(runs)} drafters, W={W} L={L}, {len(prompts)} prompts x {n} new tokens, "
           f"{args.repeats} interleaved repeats, {torch.get_num_threads()} threads")
     results = compare(methods, prompts, 1, args.repeats)
@@ -119,6 +137,13 @@ def main(argv=None) -> dict:
         print(f"{name:<18}{e['draft_vocab_size'] or 'full':>7}{cover:>7}{100 * e['cost']['ratio']:>9.1f}%"
               f"{e['objective']:>5}  {top1:<26}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}"
               f"{e['speedup']:>9.2f}x {ci_text(e['speedup_ci95'], 6)}{ideal:>7}  {e['lossless']}")
+    if extra:
+        report["methods"] = {k: {m: results[k][m] for m in ("tokens_per_step", "tokens_per_s", "speedup", "speedup_ci95",
+                                                            "speedup_per_repeat", "lossless")} for k in extra}
+        print(f"\n{'method':<30}{'tau':>6}{'tok/s':>7}{'speedup':>16}  lossless")
+        for k, e in report["methods"].items():
+            print(f"{k:<30}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}{e['speedup']:>9.2f}x "
+                  f"{ci_text(e['speedup_ci95'], 6)}  {e['lossless']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

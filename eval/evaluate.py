@@ -113,7 +113,7 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
     }
     if eval_cfg.hybrid_ngram:
         hybrid = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits,
-                                    ngram=eval_cfg.hybrid_ngram)
+                                    ngram=eval_cfg.hybrid_ngram, switch=eval_cfg.hybrid_switch)
         methods["hybrid"] = lambda b: hybrid.generate(b, n, eos)
     if incumbent is not None:
         inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)

@@ -85,12 +85,25 @@ class LookupProposer(Proposer):
     trial there, and the committed tokens keep the law of plain sampling. A no-match row's placeholder
     (a copy of chain 0, NOT independent of it) is excluded from the trials (`candidate_BW`)."""
 
-    def __init__(self, inner: Proposer, max_ngram: int):
-        self.inner, self.max_ngram = inner, max_ngram
+    def __init__(self, inner: Proposer, max_ngram: int, switch: int = 0):
+        """switch = m > 0: no extra path; a row whose text ends in a match of at least m tokens verifies the
+        lookup path INSTEAD of the drafter's paths (greedy only: docs/design.md §3.3). On a CPU, where a
+        forward over 4-5 tokens costs more than over 3, this keeps the tree at the drafter's size."""
+        if switch and not 1 <= switch <= max_ngram:
+            raise ValueError(f"switch={switch} must be in [1, max_ngram={max_ngram}]")
+        self.inner, self.max_ngram, self.switch = inner, max_ngram, switch
+        self._used_B: torch.Tensor | None = None
 
     def propose(self, state: DecodeState) -> Proposal:
         inner = self.inner.propose(state)
         paths_BWL = inner.paths_BWL
+        if self.switch:
+            if inner.q_BWKV is not None:
+                raise ValueError("hybrid switch mode is greedy only")
+            lookup_BL, found_B = lookup_paths(*history(state), paths_BWL.shape[-1], max_ngram=self.max_ngram,
+                                              min_ngram=self.switch)
+            self._used_B = found_B
+            return Proposal(torch.where(found_B[:, None, None], lookup_BL[:, None, :], paths_BWL))
         lookup_BL, found_B = lookup_paths(*history(state), paths_BWL.shape[-1], max_ngram=self.max_ngram)
         lookup_BL = torch.where(found_B[:, None], lookup_BL, paths_BWL[:, 0])
         paths_BWL = torch.cat([paths_BWL, lookup_BL[:, None]], dim=1)
@@ -103,5 +116,8 @@ class LookupProposer(Proposer):
 
     def observe(self, state: DecodeState, acc: Acceptance, logits_BPV: torch.Tensor, tree: Tree,
                 active_B: torch.Tensor, stats: DecodeStats) -> None:
+        if self.switch:  # the rows that verified the lookup path instead of the drafter's
+            stats.lookup_wins += int((self._used_B & active_B).sum())
+            return
         lookup = tree.unpacker_BWL.shape[1] - 1  # the last path; it wins only where it beat every other
         stats.lookup_wins += int((acc.beam_B == lookup)[active_B].sum())

@@ -7,6 +7,8 @@ the one step skeleton (eval/decoder.py run_step).
 | temperature | mode                      | proposer                        | verifier                         |
 | 0           | greedy (identical output) | drafter beams (eval/beam.py)    | greedy (eval/decoder.py)          |
 | 0, ngram=N  | hybrid                    | beams + a prompt-lookup path    | greedy                            |
+| 0, switch=m | hybrid, switch mode       | lookup path if an m-token match | greedy                            |
+|             |                           | exists, else the beams          |                                   |
 | T, ngram=N  | hybrid sampling           | chains + a lookup point mass    | recursive rejection sampling      |
 | T > 0       | lossless sampling         | drafter chains (eval/sampling)  | recursive rejection sampling      |
 | T > 0, ref. | the reference rule        | beams with their log-probs      | the reference's (NOT lossless)    |
@@ -35,7 +37,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
                  temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS,
-                 ngram: int = 0):
+                 ngram: int = 0, switch: int = 0):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
         if beam_width > model.config.vocab_size:
@@ -46,6 +48,8 @@ class SpeculativeDecoder:
             warnings.warn("reference_compatible only changes sampling (temperature > 0); ignored at temperature 0")
         if ngram < 0:
             raise ValueError(f"ngram must be >= 0 (0 = drafter beams only), got {ngram}")
+        if switch and (temperature > 0.0 or not 0 < switch <= ngram):
+            raise ValueError(f"hybrid switch mode (switch={switch}) needs greedy decoding and 1 <= switch <= ngram={ngram}")
         if ngram and temperature > 0.0 and reference_compatible:
             raise ValueError("hybrid drafting (ngram > 0) is greedy or lossless sampling: not with the reference rule")
         self.model, self.drafter = model, drafter
@@ -53,8 +57,8 @@ class SpeculativeDecoder:
         self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
         self.temperature, self.reference_compatible = temperature, reference_compatible
         self.top_logits = top_logits  # the beam search's logit processing (eval/beam.py reference_logits)
-        self.ngram = ngram
-        self.num_paths = beam_width + (1 if ngram else 0)
+        self.ngram, self.switch = ngram, switch
+        self.num_paths = beam_width + (1 if ngram and not switch else 0)
 
     def parts(self, generator: torch.Generator | None = None) -> tuple[Proposer, object]:
         """(proposer, verifier) of this decoder's step; `generator` drives every random draw at T > 0."""
@@ -62,7 +66,7 @@ class SpeculativeDecoder:
         if T == 0.0:  # greedy verification needs no drafter probabilities: the search skips keeping them
             proposer, verifier = BeamProposer(self.drafter, W, L, self.top_logits), greedy_verifier
             if self.ngram:
-                proposer = LookupProposer(proposer, self.ngram)
+                proposer = LookupProposer(proposer, self.ngram, self.switch)
         elif self.reference_compatible:
             proposer = BeamProposer(self.drafter, W, L, self.top_logits, keep_log_probs=True)
             verifier = SamplingVerifier(accept_reference, T, generator)

@@ -105,7 +105,7 @@ LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
 # before: at that value they hash as absent (pipeline/lineage.hashed_settings), so old work is reused.
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
-    "eval": {"hybrid_ngram": 0},
+    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0},
 }
 
 
@@ -160,6 +160,9 @@ class EvalConfig:
     # prompt-lookup path (the last 1..N tokens matched in prompt + output) verified in the same forward;
     # greedy or lossless sampling. The gate still judges the drafter alone ("redrafter"), which is what serving stacks run.
     hybrid_ngram: int = 0
+    # m > 0: the hybrid's switch mode (greedy): where the text ends in a match of at least m tokens the lookup
+    # path is verified INSTEAD of the drafter's paths, elsewhere the drafter's; the tree keeps the drafter's size
+    hybrid_switch: int = 0
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
     # beam search over the drafter's top-N logits, the rest set to -5e4, as the reference and TensorRT-LLM
@@ -289,6 +292,9 @@ def _value_problems(cfg: Config) -> list[str]:
     for b in cfg.eval.baselines:
         if b not in TRAINING_FREE:
             p.append(f"bad value in 'eval.baselines': {b!r}; baselines are {', '.join(TRAINING_FREE)}")
+    if cfg.eval.hybrid_switch and not (1 <= cfg.eval.hybrid_switch <= cfg.eval.hybrid_ngram and cfg.eval.temperature == 0):
+        p.append(f"bad value for 'eval.hybrid_switch': {cfg.eval.hybrid_switch}; switch mode needs greedy decoding "
+                 f"(eval.temperature=0) and 1 <= eval.hybrid_switch <= eval.hybrid_ngram={cfg.eval.hybrid_ngram}")
     if cfg.eval.hybrid_ngram < 0:
         p.append(f"bad value for 'eval.hybrid_ngram': {cfg.eval.hybrid_ngram}; use 0 (off) or the longest n-gram to match")
     elif cfg.eval.hybrid_ngram and cfg.eval.temperature > 0 and cfg.eval.reference_compatible:

@@ -146,3 +146,36 @@ def test_hybrid_refuses_the_reference_rule_and_negative_sizes():
     with pytest.raises(ValueError, match="ngram must be >= 0"):
         SpeculativeDecoder(model, drafter, 1, 3, ngram=-1)
     SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, ngram=3)  # lossless sampling: tests/test_sampling.py
+
+
+@pytest.mark.parametrize("beam_width,beam_length,batch_size,switch", [(1, 3, 1, 2), (2, 4, 3, 1), (1, 5, 4, 3)])
+def test_switch_mode_is_lossless_and_keeps_the_tree_at_the_drafters_size(setup, beam_width, beam_length, batch_size,
+                                                                        switch):
+    """eval.hybrid_switch: rows with an m-token match verify the lookup path instead of the drafter's paths
+    (no extra path), the others the drafter's; greedy output stays token for token plain greedy's."""
+    model, prompts, reference = setup
+    drafter = random_drafter(model)
+    dec = SpeculativeDecoder(model, drafter, beam_width, beam_length, ngram=3, switch=switch)
+    alone = SpeculativeDecoder(model, drafter, beam_width, beam_length)
+    out, stats, alone_stats = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        result = dec.generate(prompts[i:i + batch_size], MAX_NEW, None)
+        out += result.tokens
+        stats.append(result.stats)
+        alone_stats.append(alone.generate(prompts[i:i + batch_size], MAX_NEW, None).stats)
+    assert out == reference
+    merged, merged_alone = DecodeStats.merge(stats), DecodeStats.merge(alone_stats)
+    assert merged.beam_width == beam_width  # no extra path: the tree keeps the drafter's size
+    assert 0 < merged.lookup_wins < merged.num_steps * batch_size  # some rows switched, not all
+    assert merged.tokens_per_step > merged_alone.tokens_per_step
+
+
+def test_switch_mode_refuses_sampling_and_bad_sizes():
+    model = tiny_llama("sdpa")
+    drafter = random_drafter(model)
+    with pytest.raises(ValueError, match="switch mode"):
+        SpeculativeDecoder(model, drafter, 1, 3, temperature=0.7, ngram=3, switch=2)
+    with pytest.raises(ValueError, match="switch mode"):
+        SpeculativeDecoder(model, drafter, 1, 3, switch=2)  # no ngram
+    with pytest.raises(ValueError, match="switch mode"):
+        SpeculativeDecoder(model, drafter, 1, 3, ngram=3, switch=4)
