@@ -15,6 +15,7 @@ interval over repeats, whether every output equals plain greedy decoding, and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path, help="pipeline run directories with trained drafters")
     ap.add_argument("--num-prompts", type=int, default=16, help="eval prompts, drawn stratified by category")
+    ap.add_argument("--eval-data", default="", help="eval prompt source instead of the first run's data.eval.path "
+                    "(e.g. mtbench: with --num-prompts 80, all 80 MT-bench questions)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0 = the first run's eval.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--width", type=int, default=0, help="beam width; 0 = the first run's eval.beam_width")
@@ -76,7 +79,8 @@ def main(argv=None) -> dict:
     model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
     W, L = args.width or cfg.eval.beam_width, args.length or cfg.eval.beam_length
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
-    prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
+    source = dataclasses.replace(cfg.data.eval, path=args.eval_data) if args.eval_data else cfg.data.eval
+    prompts = select_prompts(load_prompts(source, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
     prompts = with_model_answers(prompts, model, tok, args.max_new_tokens or cfg.eval.max_new_tokens,
                                  cfg.data.max_prompt_tokens)
@@ -138,12 +142,21 @@ def main(argv=None) -> dict:
               f"{e['objective']:>5}  {top1:<26}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}"
               f"{e['speedup']:>9.2f}x {ci_text(e['speedup_ci95'], 6)}{ideal:>7}  {e['lossless']}")
     if extra:
-        report["methods"] = {k: {m: results[k][m] for m in ("tokens_per_step", "tokens_per_s", "speedup", "speedup_ci95",
-                                                            "speedup_per_repeat", "lossless")} for k in extra}
+        report["methods"] = {k: {m: results[k].get(m) for m in ("tokens_per_step", "tokens_per_s", "speedup", "speedup_ci95",
+                                                                "speedup_per_repeat", "lossless", "by_category")}
+                             for k in [*drafters, *extra]}
         print(f"\n{'method':<30}{'tau':>6}{'tok/s':>7}{'speedup':>16}  lossless")
         for k, e in report["methods"].items():
             print(f"{k:<30}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}{e['speedup']:>9.2f}x "
                   f"{ci_text(e['speedup_ci95'], 6)}  {e['lossless']}")
+        cats = sorted({c for e in report["methods"].values() for c in (e["by_category"] or {})})
+        if cats:
+            print(f"\nper category (tau / speedup vs plain)\n{'category':<14}"
+                  + "".join(f"{k:>24}" for k in report["methods"]))
+            for c in cats:
+                cells = [(e["by_category"] or {}).get(c) for e in report["methods"].values()]
+                print(f"{c:<14}" + "".join(f"{x['tokens_per_step']:>14.2f} / {x['speedup']:.2f}x" if x else f"{'-':>24}"
+                                          for x in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

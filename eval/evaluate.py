@@ -21,13 +21,14 @@ from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model
 from pipeline.config import ADDED_LATER, DataConfig, EvalConfig, ModelConfig
-from pipeline.drafter import Drafter, DrafterArch
+from pipeline.drafter import Drafter
+from pipeline.heads import read_arch
 from pipeline.lineage import hash_json, hashed_settings, sha256_file
 
 
 def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> Drafter:
     """The train stage's fp32 drafter, checked against the base model it will draft for."""
-    arch = DrafterArch(**json.loads((drafter_dir / "arch.json").read_text()))
+    head, arch = read_arch(json.loads((drafter_dir / "arch.json").read_text()))
     cfg = base_model.config
     if arch.vocab_size != cfg.vocab_size or arch.hidden_size != cfg.hidden_size:
         raise ValueError(
@@ -35,10 +36,8 @@ def load_trained_drafter(drafter_dir: Path, base_model, dtype: torch.dtype) -> D
             f"but the base model has vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}: "
             "tokenizer/vocab mismatch between drafter and base model"
         )
-    from pipeline.export import drafter_from_state
-
     state = load_file(str(drafter_dir / "drafter.safetensors"))
-    return drafter_from_state(arch, state, input_embeddings(base_model), dtype).to(base_model.device)
+    return head.from_state(arch, state, input_embeddings(base_model), dtype).to(base_model.device)
 
 
 def _lossless(eval_cfg: EvalConfig, ours: dict) -> dict:

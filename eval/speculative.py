@@ -21,12 +21,13 @@ import warnings
 
 import torch
 
-from eval.beam import REFERENCE_TOP_LOGITS, BeamProposer
+from eval.beam import REFERENCE_TOP_LOGITS
 from eval.decoder import (NO_CLOCK, DecodeState, GenerationResult, Proposer, _decode, argmax_token, greedy_verifier,
                           run_step)
 from eval.metrics import DecodeStats
 from eval.ngram import LookupProposer
-from eval.sampling import ChainProposer, SamplingVerifier, accept_reference, accept_tree, sample_from_logits
+from eval.sampling import SamplingVerifier, accept_reference, accept_tree, sample_from_logits
+from pipeline.heads import head_of
 
 
 class SpeculativeDecoder:
@@ -53,6 +54,7 @@ class SpeculativeDecoder:
         if ngram and temperature > 0.0 and reference_compatible:
             raise ValueError("hybrid drafting (ngram > 0) is greedy or lossless sampling: not with the reference rule")
         self.model, self.drafter = model, drafter
+        self.head = head_of(drafter)  # its proposals (pipeline/heads.py): beams, chains
         self.beam_width, self.beam_length = beam_width, beam_length
         self.tree_attention = tree_attention  # False: verify all W * L tokens, no prefix sharing
         self.temperature, self.reference_compatible = temperature, reference_compatible
@@ -64,14 +66,14 @@ class SpeculativeDecoder:
         """(proposer, verifier) of this decoder's step; `generator` drives every random draw at T > 0."""
         W, L, T = self.beam_width, self.beam_length, self.temperature
         if T == 0.0:  # greedy verification needs no drafter probabilities: the search skips keeping them
-            proposer, verifier = BeamProposer(self.drafter, W, L, self.top_logits), greedy_verifier
+            proposer, verifier = self.head.proposer(self.drafter, W, L, top_logits=self.top_logits), greedy_verifier
             if self.ngram:
                 proposer = LookupProposer(proposer, self.ngram, self.switch)
         elif self.reference_compatible:
-            proposer = BeamProposer(self.drafter, W, L, self.top_logits, keep_log_probs=True)
+            proposer = self.head.proposer(self.drafter, W, L, top_logits=self.top_logits, keep_log_probs=True)
             verifier = SamplingVerifier(accept_reference, T, generator)
         else:
-            proposer = ChainProposer(self.drafter, W, L, T, generator)
+            proposer = self.head.chain_proposer(self.drafter, W, L, T, generator)
             verifier = SamplingVerifier(accept_tree, T, generator)
             if self.ngram:  # the lookup path enters the rejection sampling as a point mass (eval/ngram.py)
                 proposer = LookupProposer(proposer, self.ngram)

@@ -97,6 +97,7 @@ class DrafterConfig:
     # -1 = auto: AUTO_DRAFT_VOCAB tokens when the base vocabulary exceeds LARGE_VOCAB (Llama 3, Qwen,
     # Gemma, gpt-oss: a full-vocabulary head would cost more than a small base model), else full
     draft_vocab_size: int = -1
+    head: str = "redrafter"  # the draft head type (pipeline/heads.py HEAD_TYPES)
 
 
 LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
@@ -106,6 +107,7 @@ LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
     "eval": {"hybrid_ngram": 0, "hybrid_switch": 0},
+    "drafter": {"head": "redrafter"},
 }
 
 
@@ -323,6 +325,10 @@ def _value_problems(cfg: Config) -> list[str]:
     if 0 < cfg.drafter.draft_vocab_size <= cfg.eval.beam_width:
         p.append(f"'drafter.draft_vocab_size'={cfg.drafter.draft_vocab_size} must exceed eval.beam_width="
                  f"{cfg.eval.beam_width}")
+    from pipeline.heads import HEAD_TYPES
+
+    if cfg.drafter.head not in HEAD_TYPES:
+        p.append(f"bad value for 'drafter.head': {cfg.drafter.head!r}; head types are {', '.join(HEAD_TYPES)}")
     if cfg.drafter.horizon < 2:
         p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
     if cfg.eval.beam_length < 2:

@@ -69,6 +69,8 @@ def check_d2t(d2t: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
 
 
 class Drafter(nn.Module):
+    HEAD = "redrafter"  # its head type (pipeline/heads.py)
+
     def __init__(self, arch: DrafterArch, embed_weight_VH: torch.Tensor, d2t: torch.Tensor | None = None):
         super().__init__()
         H, D, V = arch.hidden_size, arch.exit_dim, arch.vocab_size

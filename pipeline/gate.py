@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import atomic
 from pipeline.config import TRAINING_FREE, GateConfig
-from pipeline.drafter import DrafterArch
-from pipeline.export import export_drafter
+from pipeline.heads import read_arch
 from pipeline.tracking import log_artifact
 
 
@@ -126,11 +125,11 @@ def publish(decision: dict, drafter_dir: Path, record: dict, lineage: dict, expo
     final = export_root / kind
     # built in a temporary directory and renamed into place: an export is whole or absent, never partial
     atomic.sweep(export_root, kind)  # left by a run killed mid-export
-    arch = DrafterArch(**json.loads((drafter_dir / "arch.json").read_text()))
+    head, arch = read_arch(json.loads((drafter_dir / "arch.json").read_text()))
     state = load_file(str(drafter_dir / "drafter.safetensors"))
     # re-running the gate on the same checkpoint replaces its own export
     with atomic.replacing_dir(final) as out:
-        export_drafter(state, arch, out / "drafter")
+        head.export(state, arch, out / "drafter")
         for name, obj in (("eval_record.json", record), ("lineage.json", lineage), ("decision.json", decision)):
             (out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
         write_handoff(out, record, arch, decision, lineage, data)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from pipeline import atomic
-from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
-from pipeline.drafter import build_drafter, make_arch
-from pipeline.lineage import hash_json
-from pipeline.loss import add_stats, distill_loss, make_batch, position_metrics, position_weights
+from pipeline.config import ADDED_LATER, DrafterConfig, ModelConfig, TrackingConfig, TrainConfig, resolve_drafter
+from pipeline.heads import arch_record, head_type
+from pipeline.lineage import hash_json, hashed_settings
+from pipeline.loss import add_stats, make_batch, position_metrics, position_weights
 from pipeline.shards import read_shard
 
 EXECUTION_ONLY = ("cpus_per_worker", "log_every", "checkpoint_every", "max_failures")  # do not change the result
@@ -178,7 +178,7 @@ def train_inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainCon
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY}
     # what the data IS, never when it was written: a repaired shard must not throw away training progress
     data = {k: v for k, v in manifest.items() if k != "created_at"}
-    return {"teacher_manifest_hash": hash_json(data), "drafter": dataclasses.asdict(drafter_cfg),
+    return {"teacher_manifest_hash": hash_json(data), "drafter": hashed_settings(dataclasses.asdict(drafter_cfg), ADDED_LATER["drafter"]),
             "train": train, "seed": seed}
 
 
@@ -357,10 +357,10 @@ def train_worker(config: dict) -> None:
     data = TeacherData(Path(config["teacher_dir"]), manifest, tc.batch_size, tc.heldout_fraction, seed, rank, world)
     planned = tc.epochs * data.steps_per_epoch
     stop = tc.max_steps or planned
-    arch = make_arch(manifest["vocab_size"], manifest["hidden_size"], dc.exit_dim, dc.num_draft_layers, dc.rnn,
-                     dc.horizon, dc.draft_vocab_size)
+    head = head_type(dc.head)
+    arch = head.make_arch(manifest["vocab_size"], manifest["hidden_size"], dc)
     d2t = torch.tensor(config["draft_vocab"]["d2t"]) if arch.draft_vocab_size else None
-    drafter = build_drafter(arch, load_embedding_table(config["model_cfg"]), seed=seed, d2t=d2t)
+    drafter = head.build(arch, load_embedding_table(config["model_cfg"]), seed, d2t)
     engine = init_engine(drafter, tc, world, total_steps=max(planned, stop))  # max_steps does not rescale the lr
     K, weights = arch.horizon - 1, position_weights(arch.horizon - 1, tc.position_weight_decay)
     maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)
@@ -376,7 +376,7 @@ def train_worker(config: dict) -> None:
     window, t0, metrics, last_ckpt = None, time.time(), {}, start
     for step in range(start, stop):
         batch = {k: v.to(engine.device) for k, v in make_batch(data.batch(step), K).items()}
-        loss, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights, **maps)
+        loss, stats = head.loss(engine, batch, weights, maps)
         lr = engine.get_lr()[0]  # the lr of this step (engine.step moves the schedule on)
         engine.backward(loss)
         engine.step()
@@ -395,13 +395,13 @@ def train_worker(config: dict) -> None:
         elif done % tc.log_every == 0:
             ray.train.report(metrics)  # every rank reports the same number of times: it is a barrier
 
-    heldout = evaluate(engine, data, K, weights, maps)
+    heldout = evaluate(engine, head, data, K, weights, maps)
     metrics = {**metrics, **heldout, "step": stop}
     if last_ckpt != stop:
         _checkpoint(engine, stop, data.steps_per_epoch, metrics, meta)
     state = full_state_dict(engine)  # every rank: a collective under ZeRO-3
     if rank == 0:
-        _write_drafter(out_dir / "drafter", state, arch, {"inputs": config["inputs"], "steps": stop,
+        _write_drafter(out_dir / "drafter", state, head, arch, {"inputs": config["inputs"], "steps": stop,
                                                             "final": metrics, "run_name": config["run_name"],
                                                             "base_model_hash": manifest.get("base_model_hash"),
                                                             "draft_vocab": {k: v for k, v in config["draft_vocab"].items()
@@ -456,7 +456,7 @@ def _window_metrics(window: dict, seconds: float, lr: float, step: int, steps_pe
 
 
 @torch.no_grad()
-def evaluate(engine, data: TeacherData, K: int, weights: torch.Tensor, maps: dict | None = None) -> dict:
+def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, maps: dict | None = None) -> dict:
     """Per-position KL and top-1 agreement on the held-out sequences, summed over ranks. Every rank runs the
     same number of forwards (ZeRO-3 forwards are collective); a rank with fewer batches pads with a fully
     masked one."""
@@ -473,7 +473,7 @@ def evaluate(engine, data: TeacherData, K: int, weights: torch.Tensor, maps: dic
         batch = {k: v.to(engine.device) for k, v in make_batch(seqs, K).items()}
         if i >= len(batches):
             batch["mask_NK"] = torch.zeros_like(batch["mask_NK"])  # padding: counts nothing
-        _, stats = distill_loss(engine(batch["h_NH"], batch["tokens_NK"]), batch, weights, **(maps or {}))
+        _, stats = head.loss(engine, batch, weights, maps or {})
         total = add_stats(total, stats)
     keys = sorted(total)
     flat = torch.cat([total[k].float() for k in keys])
@@ -502,7 +502,7 @@ def _checkpoint(engine, step: int, steps_per_epoch: int, metrics: dict, meta: di
                          checkpoint_dir_name=f"checkpoint_{step:07d}")
 
 
-def _write_drafter(out: Path, state: dict, arch, train_metrics: dict) -> None:
+def _write_drafter(out: Path, state: dict, head, arch, train_metrics: dict) -> None:
     """drafter.safetensors + arch.json + train_metrics.json, renamed into place so `out` is whole or absent."""
     from safetensors.torch import save_file
 
@@ -511,7 +511,7 @@ def _write_drafter(out: Path, state: dict, arch, train_metrics: dict) -> None:
     check_state_dict(state, arch)  # the spec's tensor names and shapes
     with atomic.replacing_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "drafter.safetensors"))
-        (tmp / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
+        (tmp / "arch.json").write_text(json.dumps(arch_record(head, arch), indent=2) + "\n")
         (tmp / "train_metrics.json").write_text(json.dumps(train_metrics, indent=2, default=str) + "\n")
 
 

@@ -105,15 +105,16 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
     value is hashed, so work made with it is never mistaken for the old."""
     import dataclasses
 
-    from pipeline.config import ADDED_LATER, EvalConfig, TeacherConfig
+    from pipeline.config import ADDED_LATER, DrafterConfig, EvalConfig, TeacherConfig
     from pipeline.lineage import hash_json, hashed_settings
 
-    for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig)):
+    assert set(ADDED_LATER) == {"teacher", "eval", "drafter"}
+    for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig), ("drafter", DrafterConfig)):
         defaults = dataclasses.asdict(cls())
         for key, old in ADDED_LATER[section].items():
             assert key in defaults, f"{section}.{key} is not a setting"
             at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
             assert key not in at_old
-            other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2}[key]
+            other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa"}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import DrafterConfig, ModelConfig, TrackingConfig, TrainConfig
-from pipeline.drafter import DrafterArch
+from pipeline.heads import read_arch
 from pipeline.export import expected_tensors
 from pipeline.lineage import sha256_file, tokenizer_hash
 from pipeline.shards import TeacherSequence, write_shard
@@ -109,7 +109,9 @@ def test_training_lowers_the_loss_and_writes_the_drafter(full_run):
     assert sorted(loss) == [5, 10, 15, 20]  # 4 epochs x 5 steps (2 workers x 2 sequences, 2 held out)
     assert loss[20] < 0.5 * loss[5]  # mean loss of steps 16-20 vs steps 1-5
 
-    arch = DrafterArch(**json.loads((out / "drafter" / "arch.json").read_text()))
+    record = json.loads((out / "drafter" / "arch.json").read_text())
+    head, arch = read_arch(record)
+    assert record["head"] == head.name == "redrafter"
     state = load_file(str(out / "drafter" / "drafter.safetensors"))
     assert {k: tuple(v.shape) for k, v in state.items()} == expected_tensors(arch)
     assert all(v.dtype == torch.float32 for v in state.values()) and arch.horizon == 4
