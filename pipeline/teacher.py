@@ -318,10 +318,15 @@ class TeacherWorker:
         hf_logging.disable_progress_bar()  # this process is ours: no per-actor "Loading weights" bars
         self.cfg, self.shards_dir, self.seed = teacher_cfg, Path(shards_dir), seed
         if teacher_cfg.stages > 1:  # a split replica: this actor feeds its stage actors (pipeline/stages.py)
-            from transformers import GenerationConfig
+            from transformers import AutoConfig, GenerationConfig
 
-            self.model, self.stages = None, start_stages(model_cfg, teacher_cfg)
-            generation = GenerationConfig.from_pretrained(resolve_model_path(model_cfg))
+            self.model, self.stages, self.busy = None, start_stages(model_cfg, teacher_cfg), []
+            path = resolve_model_path(model_cfg)
+            try:
+                generation = GenerationConfig.from_pretrained(path)
+            except OSError:  # no generation_config.json: the model config's own token ids
+                generation = GenerationConfig.from_model_config(
+                    AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code))
         else:
             torch.set_num_threads(teacher_cfg.cpus_per_actor)  # as many threads as Ray reserved cores
             gpus = teacher_cfg.gpus_per_actor

@@ -205,6 +205,12 @@ def test_data_split_and_order_are_deterministic(teacher_dir):
     assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 5
     seen = [q.prompt_id for rank in ranks for step in range(5) for q in rank.batch(step)]
     assert len(seen) == len(set(seen)) == 20  # an epoch: no sequence twice, none of the held-out ones
+    alone = TeacherData(teacher_dir, manifest, 2, 0.1, 0, 0, 1)  # one worker: all 4 shards are its own
+    resident = []
+    for step in range(alone.steps_per_epoch):
+        alone.batch(step)
+        resident.append(len(alone._cache))
+    assert len(alone.my_shards) == 4 and max(resident) == 2  # shards stream: two in memory, never the data set
     heldout_ids = {q.prompt_id for rank in ranks for b in rank.heldout_batches() for q in b}
     assert len(heldout_ids) == 2 and not heldout_ids & set(seen)
     again = TeacherData(teacher_dir, manifest, 2, 0.1, 0, 0, 2)
