@@ -50,7 +50,8 @@ class Plan:
         lines = ["=== resource plan (from config.json; no weights loaded) ==="]
         lines += [f"{k:<{width}}  {v}" for k, v in self.rows]
         lines += ["assumptions (resources.* in the recipe; replace them with your cluster's measurements):"]
-        lines += [f"  {k:<{width - 2}}{v}" for k, v in self.assumptions]
+        assumed = max((len(k) for k, _ in self.assumptions), default=0)
+        lines += [f"  {k:<{assumed}}  {v}" for k, v in self.assumptions]
         return "\n".join(lines)
 
 

@@ -115,32 +115,33 @@ def ray_local():
 
 
 def test_split_replicas_write_the_shards_a_whole_replica_writes_and_overlap(ray_local, chat_model, tmp_path):
-    """ShareGPT replies recorded through the teacher stage (Ray Data) by replicas split into 2 stage actors:
-    the same shards as one whole replica per actor, and inside a shard the two stages worked at once."""
+    """ShareGPT replies recorded through the teacher stage (Ray Data) by a replica split into 2 stage actors:
+    the records a whole replica computes, and inside a shard the two stages worked at once."""
+    from pipeline.base_model import load_tokenizer
+    from pipeline.teacher import training_prompts
+
     model_cfg = ModelConfig(base_model=str(chat_model))
-    data_cfg = DataConfig(train=PromptSource(path="sharegpt", limit=12), max_prompt_tokens=200)
-    whole = TeacherConfig(responses="corpus", num_actors=1, batch_size=2, max_new_tokens=48, top_k=5, shard_size=6)
+    data_cfg = DataConfig(train=PromptSource(path="sharegpt", limit=8), max_prompt_tokens=200)
+    whole = TeacherConfig(responses="corpus", num_actors=1, batch_size=2, max_new_tokens=40, top_k=5, shard_size=4)
     split = dataclasses.replace(whole, stages=2)
-    run_teacher(model_cfg, data_cfg, whole, tmp_path / "whole", progress=False)
     run_teacher(model_cfg, data_cfg, split, tmp_path / "split", progress=False)
-    a, b = load_manifest(tmp_path / "whole"), load_manifest(tmp_path / "split")
-    assert a["recipe_hash"] == b["recipe_hash"] and a["num_tokens"] == b["num_tokens"] > 0
-    for sa, sb in zip(a["shards"], b["shards"]):
-        ra = read_shard(tmp_path / "whole" / SHARDS / sa["name"], a["hidden_size"], a["top_k"], a["hidden_dtype"])
-        rb = read_shard(tmp_path / "split" / SHARDS / sb["name"], b["hidden_size"], b["top_k"], b["hidden_dtype"])
-        for x, y in zip(ra, rb):
+    m = load_manifest(tmp_path / "split")
+    prompts, _ = training_prompts(data_cfg, load_tokenizer(model_cfg), "corpus")
+    specs = [{"id": p.id, "input_ids": p.input_ids, "reply_ids": p.reply_ids} for p in prompts]
+    reference = TeacherWorker(model_cfg, whole, str(tmp_path), eos_id=0, pad_id=0, seed=0)  # in this process
+    for i, shard in enumerate(m["shards"]):
+        got = read_shard(tmp_path / "split" / SHARDS / shard["name"], m["hidden_size"], m["top_k"], m["hidden_dtype"])
+        expected = reference.records(specs[i * 4:(i + 1) * 4])
+        assert len(got) == len(expected) == 4
+        for x, y in zip(expected, got):
             assert x.prompt_id == y.prompt_id and (x.tokens == y.tokens).all() and (x.topk_ids == y.topk_ids).all()
-            np.testing.assert_allclose(y.hidden, x.hidden, atol=1e-3)  # float16 storage
+            np.testing.assert_allclose(y.hidden, x.hidden, atol=2e-3)  # float16 storage
             np.testing.assert_allclose(y.topk_logprobs, x.topk_logprobs, atol=1e-5)
+            np.testing.assert_allclose(y.tail_logprob, x.tail_logprob, atol=1e-5)
 
     # the pipeline itself: a shard's 4 micro-batches go in at once and the stages overlap (sequential
     # stages, as one replica over device_map="auto" runs them, would give exactly 0)
     worker = TeacherWorker(model_cfg, split, str(tmp_path), eos_id=0, pad_id=0, seed=0)
-    from pipeline.base_model import load_tokenizer
-    from pipeline.teacher import training_prompts
-
-    prompts, _ = training_prompts(data_cfg, load_tokenizer(model_cfg), "corpus")
-    specs = [{"id": p.id, "input_ids": p.input_ids, "reply_ids": p.reply_ids} for p in prompts[:8]]
     worker.records(specs)  # the first shard also waits for the later stages to finish loading
     worker.records(specs)
     assert len(worker.busy) == 2 * 4 and {s for s, _, _ in worker.busy} == {0, 1}
