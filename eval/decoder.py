@@ -37,6 +37,7 @@ class GenerationResult:
     tokens: list[list[int]]  # new tokens per prompt, cut after the first EOS and at max_new_tokens
     stats: DecodeStats
     seconds: float
+    decode_seconds: float = float("nan")  # the decode loop alone, after the prefill (eval/graphs.py)
 
 
 @dataclass
@@ -52,6 +53,10 @@ class DecodeState:
     eos_token_id: int | None
     prompt_BT: torch.Tensor  # the prompts, right-padded (read by prompt-lookup candidates: eval/ngram.py)
     prompt_len_B: torch.Tensor
+    # A static step (eval/graphs.py): the tree padded to W * L slots and written at max_b ctx_b as a
+    # tensor, the K/V commit unconditional: no shape and no control flow depends on a value, so no step
+    # reads anything back to the host and the whole step can be captured as one CUDA graph.
+    static: bool = False
 
     @property
     def new_tokens(self) -> list[list[int]]:
@@ -71,16 +76,20 @@ class Acceptance:
 
 # ---- cache and base forward ----------------------------------------------------------------
 
-def seek(cache: StaticCache, slot: int) -> None:
+def seek(cache: StaticCache, slot) -> None:
     """Make the next forward write its K/V at slots [slot, slot + q).
 
     transformers 5.23's StaticLayer ignores `cache_position` and writes at its own running counter
-    `cumulative_length`; setting that counter is the only way to choose the slot."""
+    `cumulative_length`; setting that counter is the only way to choose the slot. `slot` may be a 0-d
+    tensor on the cache's device (a static step: no host read)."""
     for layer in cache.layers:
-        layer.cumulative_length.fill_(slot)
+        if isinstance(slot, torch.Tensor):
+            layer.cumulative_length.copy_(slot)
+        else:
+            layer.cumulative_length.fill_(slot)
 
 
-def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at: int, max_cache_len: int,
+def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at, max_cache_len: int,
                    dtype: torch.dtype, position_ids_BQ: torch.Tensor | None = None,
                    window: int | None = None) -> torch.Tensor:
     """(B, 1, Q, max_cache_len) ADDITIVE float mask: 0 where allowed, dtype-min elsewhere.
@@ -89,15 +98,19 @@ def attention_bias(ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, write_at: i
     tree ancestors. A boolean 4D mask is silently wrong under eager attention (docs/design.md §6).
     With a sliding `window`, a query at position p also needs the key's position k > p - window
     (transformers' sliding-window rule): committed slot m holds position m, packed slot write_at + j
-    holds position_ids_BQ[:, j]."""
+    holds position_ids_BQ[:, j]. `write_at` is an int, or a 0-d tensor in a static step (eval/graphs.py):
+    every shape here depends on Q and max_cache_len alone, and nothing is read back to the host."""
     B, Q, _ = tree_mask_BQQ.shape
-    assert int(ctx_B.max()) <= write_at and write_at + Q <= max_cache_len
+    if isinstance(write_at, int):
+        assert int(ctx_B.max()) <= write_at and write_at + Q <= max_cache_len
     slot_M = torch.arange(max_cache_len, device=ctx_B.device)
-    allowed_BQM = (slot_M < ctx_B[:, None])[:, None, :].repeat(1, Q, 1)
-    allowed_BQM[:, :, write_at:write_at + Q] = tree_mask_BQQ
+    rel_M = slot_M - write_at  # the packed index a slot holds, where it is inside the tree
+    in_tree_M = (rel_M >= 0) & (rel_M < Q)
+    rel_M = rel_M.clamp(0, Q - 1)
+    tree_BQM = tree_mask_BQQ.gather(2, rel_M.expand(B, Q, max_cache_len)) & in_tree_M
+    allowed_BQM = (slot_M < ctx_B[:, None])[:, None, :] | tree_BQM  # committed slots are < write_at
     if window is not None:
-        key_pos_BM = slot_M.repeat(B, 1)
-        key_pos_BM[:, write_at:write_at + Q] = position_ids_BQ
+        key_pos_BM = torch.where(in_tree_M, position_ids_BQ.gather(1, rel_M.expand(B, max_cache_len)), slot_M)
         allowed_BQM &= key_pos_BM[:, None, :] > position_ids_BQ[:, :, None] - window
     bias = torch.zeros(B, 1, Q, max_cache_len, dtype=dtype, device=ctx_B.device)
     return bias.masked_fill_(~allowed_BQM[:, None], torch.finfo(dtype).min)
@@ -113,7 +126,7 @@ def layer_windows(model) -> tuple[int | None, ...]:
 
 
 def attention_masks(model, ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, position_ids_BQ: torch.Tensor,
-                    write_at: int, max_cache_len: int):
+                    write_at, max_cache_len: int):
     """What the base forward takes as `attention_mask`: one additive mask when every layer attends the
     same way, else {layer type: mask} (transformers' hybrid models accept that mapping as is)."""
     kinds = sorted(set(layer_windows(model)), key=lambda w: w is not None)  # None (full) first
@@ -125,15 +138,16 @@ def attention_masks(model, ctx_B: torch.Tensor, tree_mask_BQQ: torch.Tensor, pos
 
 
 def base_forward(model, cache: StaticCache, tokens_BQ: torch.Tensor, position_ids_BQ: torch.Tensor,
-                 bias_B1QM, write_at: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden_BQD post-norm, logits_BQV) through the public API, K/V written at [write_at, +Q)."""
+                 bias_B1QM, write_at) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_BQD post-norm, logits_BQV) through the public API, K/V written at [write_at, +Q);
+    `write_at` an int or a 0-d tensor (a static step)."""
     seek(cache, write_at)
     Q = tokens_BQ.shape[1]
     out = model.model(
         input_ids=tokens_BQ, attention_mask=bias_B1QM, position_ids=position_ids_BQ, past_key_values=cache,
         use_cache=True,
         # Ignored by 5.23 (see seek()); passed so versions that honour it write the same slots.
-        cache_position=torch.arange(write_at, write_at + Q, device=tokens_BQ.device),
+        cache_position=torch.arange(Q, device=tokens_BQ.device) + write_at,
     )
     hidden_BQD = out.last_hidden_state
     return hidden_BQD, output_logits(model, hidden_BQD)
@@ -191,10 +205,10 @@ def new_cache(model, batch_size: int, max_cache_len: int) -> StaticCache:
     return cache
 
 
-def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor) -> None:
+def commit_kv(cache: StaticCache, src_BL: torch.Tensor, dst_BL: torch.Tensor, static: bool = False) -> None:
     """Copy K/V of slots src to slots dst per row (gather everything first, then scatter, so
-    overlapping source and destination ranges are safe)."""
-    if torch.equal(src_BL, dst_BL):  # batch 1 accepting along beam 0: already in place
+    overlapping source and destination ranges are safe). `static`: always copy (no host read)."""
+    if not static and torch.equal(src_BL, dst_BL):  # batch 1 accepting along beam 0: already in place
         return
     for layer in cache.layers:
         for buf_BHMD in (layer.keys, layer.values):
@@ -215,9 +229,11 @@ def check_prompts(prompts: list[list[int]]) -> None:
 
 
 def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens: int,
-            eos_token_id: int | None, pick_next: Callable = argmax_token) -> DecodeState:
+            eos_token_id: int | None, pick_next: Callable = argmax_token,
+            cache: StaticCache | None = None) -> DecodeState:
     """Ragged prompts at slots [0, len_b), right-padded; padding is masked out. The first g0 is
-    `pick_next(logits at each prompt's last token)`."""
+    `pick_next(logits at each prompt's last token)`. `cache`: reuse this one (same batch size and
+    length; eval/graphs.py keeps its K/V buffers at fixed addresses) instead of allocating one."""
     check_prompts(prompts)
     device = model.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -228,7 +244,8 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     pos_T = torch.arange(T, device=device)
     causal_BTT = (pos_T[None, :, None] >= pos_T[None, None, :]) & (pos_T[None, None, :] < len_B[:, None, None])
     causal_BTT |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries see themselves only
-    cache = new_cache(model, B, max_cache_len)
+    if cache is None:
+        cache = new_cache(model, B, max_cache_len)
     masks = attention_masks(model, torch.zeros_like(len_B), causal_BTT, pos_T.expand(B, T), 0, max_cache_len)
     hidden_BTD, logits_BTV = base_forward(model, cache, tokens_BT, pos_T.expand(B, T), masks, 0)
     last_B = len_B - 1
@@ -242,8 +259,9 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
 
 def tree_inputs(model, state: DecodeState, tree: Tree):
     """(position_ids_BP, attention masks, write_at) of the forward over `tree`: positions = context
-    length + depth; the tree is written at the shared slots from write_at = max_b ctx_b."""
-    write_at = int(state.ctx_B.max())
+    length + depth; the tree is written at the shared slots from write_at = max_b ctx_b (a 0-d tensor
+    in a static step)."""
+    write_at = state.ctx_B.max() if state.static else int(state.ctx_B.max())
     position_ids_BP = state.ctx_B[:, None] + tree.depth_BP
     masks = attention_masks(model, state.ctx_B, tree.tree_mask_BPP, position_ids_BP, write_at,
                             state.cache.get_max_length())
@@ -288,7 +306,7 @@ def commit(state: DecodeState, acc: Acceptance, write_at: int) -> torch.Tensor:
     L = acc.path_BL.shape[1]
     offsets_L = torch.arange(L, device=state.ctx_B.device)
     # All L columns are moved: those past n land at slots >= the new ctx_b, masked until rewritten.
-    commit_kv(state.cache, write_at + acc.path_BL, state.ctx_B[:, None] + offsets_L)
+    commit_kv(state.cache, write_at + acc.path_BL, state.ctx_B[:, None] + offsets_L, static=state.static)
     num_commit_B = torch.where(active_B, acc.num_accepted_B + 1, 0)
     state.ctx_B = state.ctx_B + num_commit_B
     state.g0_B = torch.where(active_B, acc.next_g0_B, state.g0_B)
@@ -400,9 +418,10 @@ class Proposer(abc.ABC):
     def propose(self, state: DecodeState) -> Proposal:
         """The step's candidate paths from the row states (every proposer defines it)."""
 
-    def pack(self, proposal: Proposal, dedup: bool) -> Tree:
-        """The tree the forward runs over (shared prefixes once); lookahead adds its window here."""
-        return pack_tree(proposal.paths_BWL, dedup=dedup)
+    def pack(self, proposal: Proposal, dedup: bool, size: int | None = None) -> Tree:
+        """The tree the forward runs over (shared prefixes once); lookahead adds its window here.
+        `size`: a static step's fixed packed length (eval/graphs.py), None = as many as the rows need."""
+        return pack_tree(proposal.paths_BWL, dedup=dedup, size=size)
 
     def observe(self, state: DecodeState, acc: Acceptance, logits_BPV: torch.Tensor, tree: Tree,
                 active_B: torch.Tensor, stats: DecodeStats) -> None:
@@ -413,7 +432,7 @@ class PlainProposer(Proposer):
     def propose(self, state: DecodeState) -> Proposal:
         return Proposal(state.g0_B[:, None, None])
 
-    def pack(self, proposal: Proposal, dedup: bool) -> Tree:  # the one-token tree, built directly
+    def pack(self, proposal: Proposal, dedup: bool, size: int | None = None) -> Tree:  # one token, built directly
         g0_B1 = proposal.paths_BWL[:, 0]
         zeros_B1 = torch.zeros_like(g0_B1)
         B = g0_B1.shape[0]
@@ -448,13 +467,23 @@ NO_CLOCK = _NoClock()
 STEP_PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
 
 
-def run_step(model, proposer: Proposer, verifier: Callable, state: DecodeState, stats: DecodeStats,
-             dedup: bool = True, clock=NO_CLOCK) -> None:
-    """THE decoding step, for every method of the repo: propose -> pack -> ONE base forward -> verify ->
-    commit. `clock.lap(phase)` after each phase (STEP_PHASES) lets eval/profile.py time this very step."""
+@dataclass
+class StepOutcome:
+    proposal: Proposal
+    tree: Tree
+    acc: Acceptance
+    logits_BPV: torch.Tensor
+    active_B: torch.Tensor  # the rows this step committed to (not done before it)
+
+
+def core_step(model, proposer: Proposer, verifier: Callable, state: DecodeState, dedup: bool = True,
+              clock=NO_CLOCK) -> StepOutcome:
+    """propose -> pack -> ONE base forward -> verify -> commit, on the device alone: nothing here is
+    read back to the host when `state.static` (the tree then has W * L slots), so eval/graphs.py can
+    capture it whole as one CUDA graph. `clock.lap(phase)` after each phase (STEP_PHASES)."""
     proposal = proposer.propose(state)
     clock.lap("drafter")
-    tree = proposer.pack(proposal, dedup)
+    tree = proposer.pack(proposal, dedup, size=proposal.paths_BWL[0].numel() if state.static else None)
     position_ids_BP, masks, write_at = tree_inputs(model, state, tree)
     clock.lap("packing")
     hidden_BPD, logits_BPV = base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, masks, write_at)
@@ -462,7 +491,15 @@ def run_step(model, proposer: Proposer, verifier: Callable, state: DecodeState, 
     acc = verifier(proposal, tree, logits_BPV, hidden_BPD)
     clock.lap("acceptance")
     active_B = commit(state, acc, write_at)
-    stats.record(acc.num_accepted_B[active_B].tolist(), tree.num_packed_B[active_B].tolist())
+    return StepOutcome(proposal, tree, acc, logits_BPV, active_B)
+
+
+def run_step(model, proposer: Proposer, verifier: Callable, state: DecodeState, stats: DecodeStats,
+             dedup: bool = True, clock=NO_CLOCK) -> None:
+    """THE decoding step, for every method of the repo: `core_step`, then the step's statistics and
+    what the proposer learns. `clock.lap(phase)` lets eval/profile.py time this very step."""
+    out = core_step(model, proposer, verifier, state, dedup, clock)
+    stats.record(out.acc.num_accepted_B[out.active_B].tolist(), out.tree.num_packed_B[out.active_B].tolist())
     clock.lap("cache_bookkeeping")
-    proposer.observe(state, acc, logits_BPV, tree, active_B, stats)
+    proposer.observe(state, out.acc, out.logits_BPV, out.tree, out.active_B, stats)
     clock.lap("drafter")

@@ -204,7 +204,9 @@ class LookaheadProposer(Proposer):
         self.num_before_B = state.num_new_B
         return Proposal(self.decoder.candidates(self.la, state.g0_B, ~state.done_B))
 
-    def pack(self, proposal: Proposal, dedup: bool) -> Tree:
+    def pack(self, proposal: Proposal, dedup: bool, size: int | None = None) -> Tree:
+        if size is not None:
+            raise NotImplementedError("lookahead has no static step: its pool grows as it decodes")
         self.verification = pack_tree(proposal.paths_BWL, dedup=dedup)
         return pack_lookahead(self.verification, self.la.window_BLW)
 

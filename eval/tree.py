@@ -37,8 +37,10 @@ def first_occurrence(beams_BWL: torch.Tensor) -> torch.Tensor:
     return same_prefix_BWWL.argmax(dim=2)  # argmax returns the first maximum: the smallest j (j = i always matches)
 
 
-def pack_tree(beams_BWL: torch.Tensor, dedup: bool = True) -> Tree:
-    """Packed tokens, tree mask and unpacker. dedup=False packs all W * L tokens (baseline)."""
+def pack_tree(beams_BWL: torch.Tensor, dedup: bool = True, size: int | None = None) -> Tree:
+    """Packed tokens, tree mask and unpacker. dedup=False packs all W * L tokens (baseline). `size`
+    fixes the packed length (W * L fits any tree) instead of the batch's largest count, which must be
+    read back to the host: a static step (eval/graphs.py) passes it."""
     B, W, L = beams_BWL.shape
     device = beams_BWL.device
     beam_BWL = torch.arange(W, device=device)[None, :, None].expand(B, W, L)
@@ -48,7 +50,7 @@ def pack_tree(beams_BWL: torch.Tensor, dedup: bool = True) -> Tree:
     packed_index_BN = is_first_BN.long().cumsum(dim=1) - 1  # valid at first occurrences
     unpacker_BWL = packed_index_BN.gather(1, (first_BWL * L + depth_BWL).flatten(1)).view(B, W, L)
     num_packed_B = is_first_BN.sum(dim=1)
-    P = int(num_packed_B.max())
+    P = int(num_packed_B.max()) if size is None else size
 
     # Duplicates scatter the same value to the same slot (same prefix => same token, same depth).
     flat_unpacker_BN = unpacker_BWL.flatten(1)

@@ -131,3 +131,46 @@ def test_speculative_sampling_on_cuda_matches_exact_law(monkeypatch):
     monkeypatch.setattr(sampling_module, "residual", lambda p_BV, q_BV: p_BV)  # teeth: no residual correction
     p_wrong, _ = p_value(1)
     assert p_wrong < ALPHA, p_wrong
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_whole_step_in_one_cuda_graph(dtype):
+    """eval/graphs.py on the GPU: beam search, packing, the verify forward, acceptance and the commit
+    captured as ONE CUDA graph per bucket and replayed. fp32: token for token equal to plain greedy
+    decoding (batched, ragged, EOS rows; the bucket's buffers reused by a second call). bf16: equal
+    to the graphed plain decoder except at numerical ties (first_divergence)."""
+    from eval.beam import BeamProposer
+    from eval.graphs import GraphedDecoder
+
+    model, prompts, eos, reference, table = cuda_setup("sdpa", dtype)
+    random = build_drafter(make_arch(V, model.config.hidden_size), model.model.embed_tokens.weight, seed=0)
+    random = random.to(CUDA, dtype)
+    plain = GraphedDecoder.plain(model, max_cache_len=64)
+    plain_tokens = plain.generate(prompts[:8], MAX_NEW, eos).tokens
+    assert plain.buckets[(8, MAX_NEW, eos)].graph is not None
+    if dtype == torch.float32:
+        assert plain_tokens == reference[:8]
+    for drafter, W, L in ((table, 3, 4), (table, 1, 5), (random, 4, 3)):
+        decoder = GraphedDecoder(model, BeamProposer(drafter, W, L), W, L, max_cache_len=96)
+        for batch in (prompts[:8], prompts[:8]):  # the second call replays the captured graph again
+            result = decoder.generate(batch, MAX_NEW, eos)
+            if dtype == torch.float32:
+                assert result.tokens == reference[:8], (W, L)
+            for p, a, b in zip(batch, plain_tokens, result.tokens):
+                d = first_divergence(model, p, a, b)
+                assert d is None or d["near_tie"], d
+        assert decoder.buckets[(8, MAX_NEW, eos)].graph is not None
+        if drafter is table:
+            assert result.stats.tokens_per_step > 1.3, result.stats.to_dict()
+
+
+def test_step_bench_on_cuda():
+    """The scale bench's machinery on the GPU at a toy shape (the 8B run is the device check in the README)."""
+    from eval.step_bench import main as bench_main
+
+    record = bench_main(["--shape", "toy", "--device", "cuda", "--dtype", "float32", "--batch-sizes", "1,4",
+                         "--taus", "2,3", "--beam-width", "2", "--beam-length", "4", "--max-new-tokens", "24",
+                         "--prompt-tokens", "8", "--repeats", "1", "--timing-steps", "5"])
+    assert record["cuda_graphs"] is True
+    for row in record["rows"]:
+        assert row["lossless"], row

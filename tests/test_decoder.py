@@ -43,10 +43,12 @@ class TableDrafter(nn.Module):
         return token_ids[..., None].to(state.dtype)  # the state is just the last token
 
     def logits(self, h, state):
+        # scatter, not F.one_hot (which reads its indices back to check them): capturable in a CUDA graph
         last = state[..., 0].long()
-        logits = 10.0 * F.one_hot(self.propose_V[last], len(self.propose_V)).float()
+        zeros = torch.zeros(*last.shape, len(self.propose_V), device=last.device)
+        logits = zeros.scatter(-1, self.propose_V[last][..., None], 10.0)
         forbid = self.forbid_V[last]
-        return logits - 1e4 * F.one_hot(forbid.clamp(min=0), len(self.propose_V)).float() * (forbid >= 0)[..., None]
+        return logits.scatter_add(-1, forbid.clamp(min=0)[..., None], -1e4 * (forbid >= 0)[..., None].float())
 
 
 def bigram_table(model) -> torch.Tensor:

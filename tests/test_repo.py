@@ -49,7 +49,7 @@ def test_kuberay_rayjob_is_a_valid_rayjob_running_the_pipeline():
 
 
 def _targets_exist(name: str, text: str) -> None:
-    modules = re.findall(r"python -m ([\w.]+)", text)
+    modules = re.findall(r"python3? -m ([\w.]+)", text)
     assert modules, f"{name} runs no python -m target"
     for module in modules:
         assert importlib.util.find_spec(module) is not None, f"{name} calls missing {module}"
