@@ -98,6 +98,16 @@ def with_model_answers(prompts: list, model, tokenizer, answer_tokens: int, max_
     return out
 
 
+def uses_static_step(eval_cfg: EvalConfig) -> bool:
+    """Greedy plain decoding and ReDrafter run through the static step (eval/graphs.py; one CUDA graph per
+    bucket on CUDA): `eval.static_step`, where auto means on CUDA without torch.compile."""
+    if eval_cfg.temperature > 0:
+        return False
+    if eval_cfg.static_step == "auto":
+        return eval_cfg.device == "cuda" and eval_cfg.compile == "none"
+    return eval_cfg.static_step == "on"
+
+
 def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbent=None) -> dict:
     """name -> (batch of token lists -> GenerationResult). 'plain' is the baseline."""
     from eval.baselines import lookahead_generate, prompt_lookup_generate
@@ -105,9 +115,23 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
     W, L, n, T = eval_cfg.beam_width, eval_cfg.beam_length, eval_cfg.max_new_tokens, eval_cfg.temperature
     if T > 0:
         return _sampling_methods(model, drafter, eval_cfg, eos, incumbent)
-    candidate = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
+    if uses_static_step(eval_cfg):  # plain and the drafters alike (a like-for-like baseline)
+        from eval.beam import BeamProposer
+        from eval.graphs import GraphedDecoder
+
+        def greedy(d):
+            return GraphedDecoder(model, BeamProposer(d, W, L, top_logits=eval_cfg.beam_top_logits), W, L)
+        plain_decoder = GraphedDecoder.plain(model)
+        plain = plain_decoder.generate
+    else:
+        def greedy(d):
+            return SpeculativeDecoder(model, d, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
+
+        def plain(b, n, eos):
+            return plain_greedy(model, b, n, eos)
+    candidate = greedy(drafter)
     methods = {
-        "plain": lambda b: plain_greedy(model, b, n, eos),
+        "plain": lambda b: plain(b, n, eos),
         "redrafter": lambda b: candidate.generate(b, n, eos),
     }
     if eval_cfg.hybrid_ngram:
@@ -115,7 +139,7 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
                                     ngram=eval_cfg.hybrid_ngram, switch=eval_cfg.hybrid_switch)
         methods["hybrid"] = lambda b: hybrid.generate(b, n, eos)
     if incumbent is not None:
-        inc = SpeculativeDecoder(model, incumbent, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits)
+        inc = greedy(incumbent)
         methods["incumbent"] = lambda b: inc.generate(b, n, eos)
     for name in eval_cfg.baselines:
         if name == "prompt_lookup":
@@ -217,6 +241,8 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "conversations": {p.id: p.history for p in prompts if p.history},
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
+        # greedy plain and ReDrafter through the static step; on CUDA it is one CUDA graph per bucket
+        "static_step": uses_static_step(eval_cfg),
         "temperature": eval_cfg.temperature, "reference_compatible": eval_cfg.reference_compatible,
         "torch_threads": torch.get_num_threads(), "repeats": eval_cfg.repeats,
         **_lossless(eval_cfg, ours),

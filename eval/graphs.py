@@ -35,6 +35,7 @@ from eval.metrics import DecodeStats
 # The decoding state a step reads and rewrites (its other fields are constant during a decode).
 STATE_FIELDS = ("ctx_B", "g0_B", "h_BD", "out_BN", "num_new_B", "done_B")
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator, cuBLAS workspaces, lazy inits)
+CACHE_ROUND = 256  # without a fixed max_cache_len, each call's is rounded up to this (fewer buckets)
 
 
 def use_graphs(model, graphs: bool | None) -> bool:
@@ -118,22 +119,26 @@ class GraphedDecoder:
     is a greedy one with fixed-size paths: the drafter's beams (eval/beam.py BeamProposer), g0 alone
     (`GraphedDecoder.plain`), or a stand-in with the same shapes (eval/step_bench.py)."""
 
-    def __init__(self, model, proposer: Proposer, num_paths: int, beam_length: int, max_cache_len: int,
+    def __init__(self, model, proposer: Proposer, num_paths: int, beam_length: int, max_cache_len: int | None = None,
                  verifier: Callable = greedy_verifier, dedup: bool = True, graphs: bool | None = None):
+        """`max_cache_len`: every bucket's cache length (a call that needs more is refused); None = each
+        call's need rounded up to CACHE_ROUND (one bucket per length class)."""
         self.model, self.proposer, self.verifier = model, proposer, verifier
         self.num_paths, self.beam_length, self.max_cache_len, self.dedup = num_paths, beam_length, max_cache_len, dedup
         self.graphs = use_graphs(model, graphs)
         self.buckets: dict[tuple, StaticStep] = {}
 
     @classmethod
-    def plain(cls, model, max_cache_len: int, graphs: bool | None = None) -> GraphedDecoder:
+    def plain(cls, model, max_cache_len: int | None = None, graphs: bool | None = None) -> GraphedDecoder:
         """Plain greedy decoding (one token per row per forward) with the same machinery: the baseline."""
         return cls(model, PlainProposer(), 1, 1, max_cache_len, verifier=NextToken(argmax_token), graphs=graphs)
 
-    def bucket(self, batch_size: int, max_new_tokens: int, eos_token_id: int | None) -> StaticStep:
+    def bucket(self, batch_size: int, max_new_tokens: int, eos_token_id: int | None, max_cache_len: int) -> StaticStep:
         key = (batch_size, max_new_tokens, eos_token_id)  # constants of the captured step
+        if self.max_cache_len is None:
+            key += (max_cache_len,)
         if key not in self.buckets:
-            self.buckets[key] = StaticStep(self.model, self.proposer, self.verifier, batch_size, self.max_cache_len,
+            self.buckets[key] = StaticStep(self.model, self.proposer, self.verifier, batch_size, max_cache_len,
                                            max_new_tokens + 2 * self.beam_length, self.dedup, self.graphs)
         return self.buckets[key]
 
@@ -144,14 +149,14 @@ class GraphedDecoder:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         # a step writes its W * L tree past max_b ctx_b; a row may overshoot max_new_tokens by L - 1
         need = max(len(p) for p in prompts) + max_new_tokens + (self.num_paths + 1) * self.beam_length
-        if need > self.max_cache_len:
+        max_cache_len = self.max_cache_len or -(-need // CACHE_ROUND) * CACHE_ROUND
+        if need > max_cache_len:
             raise ValueError(f"max_cache_len={self.max_cache_len} is too short: the longest prompt "
                              f"({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) + a step's "
                              f"slots ({(self.num_paths + 1) * self.beam_length}) need {need}")
         start = time.perf_counter()
-        step = self.bucket(len(prompts), max_new_tokens, eos_token_id)
-        state = step.load(prefill(self.model, prompts, self.max_cache_len, max_new_tokens, eos_token_id,
-                                  cache=step.cache))
+        step = self.bucket(len(prompts), max_new_tokens, eos_token_id, max_cache_len)
+        state = step.load(prefill(self.model, prompts, max_cache_len, max_new_tokens, eos_token_id, cache=step.cache))
         stats = DecodeStats(self.num_paths, self.beam_length)
         done = bool(state.done_B.all())  # also waits for the prefill: the loop's time is its own
         loop_start = time.perf_counter()

@@ -106,7 +106,7 @@ LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
 # before: at that value they hash as absent (pipeline/lineage.hashed_settings), so old work is reused.
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
-    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0},
+    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto"},
     "drafter": {"head": "redrafter"},
 }
 
@@ -177,6 +177,9 @@ class EvalConfig:
     # torch.compile the base model for every decoding method of the run (plain, ours, baselines):
     # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune
     compile: str = "none"
+    # greedy plain decoding and ReDrafter through the static step (eval/graphs.py, docs/design.md §3.6): on CUDA
+    # the whole step is one CUDA graph per bucket. auto = on for eval.device=cuda without eval.compile | on | off
+    static_step: str = "auto"
     # greedy: profile this many eval prompts after the timed run (eval/profile.py) to record the ideal
     # speedup (tau x plain step / verify forward) and the decoder efficiency (measured / ideal); 0 = skip
     profile_prompts: int = 3
@@ -279,6 +282,7 @@ _CHOICES = {
     "eval.device": ("cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "eval.static_step": ("auto", "on", "off"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 
@@ -297,6 +301,9 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.eval.hybrid_switch and not (1 <= cfg.eval.hybrid_switch <= cfg.eval.hybrid_ngram and cfg.eval.temperature == 0):
         p.append(f"bad value for 'eval.hybrid_switch': {cfg.eval.hybrid_switch}; switch mode needs greedy decoding "
                  f"(eval.temperature=0) and 1 <= eval.hybrid_switch <= eval.hybrid_ngram={cfg.eval.hybrid_ngram}")
+    if cfg.eval.static_step == "on" and cfg.eval.compile != "none":
+        p.append(f"'eval.static_step'=on captures the whole step itself; it is not combined with "
+                 f"eval.compile={cfg.eval.compile} (set one of them)")
     if cfg.eval.hybrid_ngram < 0:
         p.append(f"bad value for 'eval.hybrid_ngram': {cfg.eval.hybrid_ngram}; use 0 (off) or the longest n-gram to match")
     elif cfg.eval.hybrid_ngram and cfg.eval.temperature > 0 and cfg.eval.reference_compatible:

@@ -115,6 +115,7 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
             assert key in defaults, f"{section}.{key} is not a setting"
             at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
             assert key not in at_old
-            other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa"}[key]
+            other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa",
+                     "static_step": "on"}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

@@ -228,3 +228,27 @@ def test_bench_writes_the_batch_size_limit_into_the_matching_serving_config(tmp_
     assert promoted["measured"]["device"] == "cpu"  # the rest is kept
     untouched = json.loads((tmp_path / "candidate" / "serving.json").read_text())
     assert untouched["max_batch_size_where_faster"] == 1  # another (W, L): not what was measured
+
+
+def test_greedy_record_through_the_static_step(setup):
+    """eval.static_step=on (what auto means on CUDA): plain and ReDrafter run through eval/graphs.py (eagerly
+    on a CPU), token for token equal to plain decoding; the record says so, and the setting is in the
+    inputs hash (a static-step record is not reused for a dynamic-step run)."""
+    from eval.evaluate import build_methods, eval_inputs, uses_static_step
+    from eval.graphs import GraphedDecoder
+
+    rec = _eval(setup, "static", static_step="on", baselines=[])
+    assert rec["lossless"] is True and rec["static_step"] is True
+    assert set(rec["methods"]) == {"plain", "redrafter"} and rec["tokens_per_step"] >= 1.0
+    model_cfg, data, root = setup
+    on, off = EvalConfig(static_step="on"), EvalConfig(static_step="off")
+    assert eval_inputs(model_cfg, data, on, root / "drafter") != eval_inputs(model_cfg, data, off, root / "drafter")
+    assert uses_static_step(EvalConfig(device="cuda")) and not uses_static_step(EvalConfig())
+    assert not uses_static_step(EvalConfig(device="cuda", compile="default"))
+    assert not uses_static_step(EvalConfig(static_step="on", temperature=0.8))
+    model = AutoModelForCausalLM.from_pretrained(setup[0].base_model)
+    drafter = build_drafter(make_arch(model.config.vocab_size, model.config.hidden_size),
+                            model.get_input_embeddings().weight.detach(), seed=3)
+    methods = build_methods(model, drafter, on, eos=None)
+    decoder = methods["redrafter"].__closure__  # the decoders behind the methods
+    assert any(isinstance(c.cell_contents, GraphedDecoder) for c in decoder)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.drafter import build_drafter, make_arch
+from pipeline.drafter import make_arch
 from pipeline.heads import HEAD_TYPES, arch_record, head_of, head_type, read_arch
 
 
