@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -91,6 +92,30 @@ def base_model_fingerprint(cfg: ModelConfig) -> str:
         except Exception as e:  # noqa: BLE001 - any failure here means "not available locally"
             raise _missing_model_error(cfg.base_model, e) from e
     return hash_dir(path)
+
+
+def read_tensors(model_dir: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{our name: tensor} for {our name: checkpoint name}, reading only those tensors from a local
+    safetensors checkpoint (model.safetensors, or the files its model.safetensors.index.json names). A name
+    the checkpoint lacks, or whose file is absent, is left out: the caller decides what that means."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    by_file: dict[str, dict[str, str]] = {}
+    for ours, theirs in names.items():
+        by_file.setdefault(where.get(theirs, "model.safetensors"), {})[ours] = theirs
+    out = {}
+    for file, wanted in by_file.items():
+        if not (model_dir / file).is_file():
+            continue
+        with safe_open(str(model_dir / file), "pt") as f:
+            keys = set(f.keys())
+            for ours, theirs in wanted.items():
+                if theirs in keys:
+                    out[ours] = f.get_tensor(theirs)
+    return out
 
 
 def input_embeddings(model) -> torch.Tensor:

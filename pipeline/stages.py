@@ -20,18 +20,15 @@ multiplies it by sqrt(H): refused by name), and every stage but the last skips t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.base_model import DTYPES, resolve_model_path
+from pipeline.base_model import DTYPES, read_tensors, resolve_model_path
 from pipeline.config import ModelConfig, TeacherConfig
-
-# decoders that scale `inputs_embeds` inside their forward: a later stage would scale the hidden state again
-SCALED_EMBEDDINGS = ("gemma", "gemma2", "gemma3_text", "gemma3")
+from pipeline.support import SCALED_EMBEDDINGS
 
 
 def stage_layers(num_layers: int, stages: int) -> list[range]:
@@ -69,25 +66,6 @@ def _local_dir(model_cfg: ModelConfig) -> Path:
     return Path(snapshot_download(model_cfg.base_model, revision=model_cfg.revision or None, local_files_only=True))
 
 
-def _read_tensors(model_dir: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """{our name: tensor} for {our name: checkpoint name}, reading only those tensors."""
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
-    by_file: dict[str, dict[str, str]] = {}
-    for ours, theirs in names.items():
-        by_file.setdefault(where.get(theirs, "model.safetensors"), {})[ours] = theirs
-    out = {}
-    for file, wanted in by_file.items():
-        with safe_open(str(model_dir / file), "pt") as f:
-            keys = set(f.keys())
-            for ours, theirs in wanted.items():
-                if theirs in keys:
-                    out[ours] = f.get_tensor(theirs)
-    return out
-
-
 @torch.no_grad()
 def load_stage(model_cfg: ModelConfig, index: int, stages: int, device: str = "cpu") -> nn.Module:
     """The causal LM cut to stage `index` of `stages`, holding only that stage's weights, on `device`."""
@@ -122,11 +100,11 @@ def load_stage(model_cfg: ModelConfig, index: int, stages: int, device: str = "c
         return name
 
     wanted = {k: checkpoint_name(k) for k in model.state_dict()}
-    tensors = _read_tensors(model_dir, wanted)
+    tensors = read_tensors(model_dir, wanted)
     out_name = next((k for k, p in model.named_parameters(remove_duplicate=False)
                      if last and p is model.get_output_embeddings().weight), None)
     if out_name and out_name not in tensors and tied_to_embeddings:  # tied: the checkpoint stores the embeddings
-        tensors.update(_read_tensors(model_dir, {out_name: f"{prefix}.embed_tokens.weight"}))
+        tensors.update(read_tensors(model_dir, {out_name: f"{prefix}.embed_tokens.weight"}))
     missing = sorted(set(wanted) - set(tensors))
     if missing:
         raise ValueError(f"stage {index} of {stages}: {model_dir} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -1,9 +1,10 @@
-"""Which base models the pipeline handles, decided from config.json before any work, and the two
-per-family facts the decoder and the teacher need (docs/design.md §6, "Model families").
+"""Which base models the pipeline handles, decided from config.json before any work, and the per-family
+facts the decoder and the teacher need (docs/design.md §6, "Model families").
 
     check_support(config, allow_untested=False)   # raises ValueError naming the unsupported feature
     attention_windows(config)                     # per layer: None (full causal) or the sliding window
     output_logits(model, hidden)                  # the model's own logits from its last hidden state
+    SCALED_EMBEDDINGS                             # families whose input embeddings are scaled by sqrt(H)
 
 The tree-verify forward passes its own 4D masks and a static cache (eval/decoder.py), and the teacher
 computes log-probs from the last hidden state. Both follow the model's own forward for:
@@ -38,6 +39,10 @@ TESTED_FAMILIES = {
     "gpt_oss": "gpt-oss: alternating sliding/global layers, attention sinks, mixture of experts (" + TESTED + ")",
 }
 ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+# Families (model_type) whose input embeddings are multiplied by sqrt(hidden_size) on the way into the
+# decoder: a teacher replica split into stages (pipeline/stages.py, teacher.stages > 1) refuses them, since
+# a later stage enters the decoder with hidden states, not token embeddings.
+SCALED_EMBEDDINGS = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
 
 def _text(config):

@@ -360,24 +360,28 @@ class TeacherWorker:
 
     def records(self, prompts: list[dict]) -> list[TeacherSequence]:
         """A shard's sequences, in prompt order."""
-        by_index, batches = {}, self.batches(prompts)
-        if self.model is None:  # split replica: every batch of the shard goes into the stage pipeline at once
-            staged = []
-            for batch in batches:
-                chunk = [prompts[i] for i in batch]
-                staged.append({"prompt_ids": [p["id"] for p in chunk], "prompts": [p["input_ids"] for p in chunk],
-                               "seqs": [p["input_ids"] + r for p, r in zip(chunk, self.responses(chunk))]})
-            results = staged_records(self.stages, staged)
-            self.busy = [span for r in results for span in r["busy"]]  # the stages' timeline of this shard
-            for batch, result in zip(batches, results):
-                by_index.update(zip(batch, result["records"]))
-            return [by_index[i] for i in range(len(prompts))]
+        batches = self.batches(prompts)
+        chunks = []
         for batch in batches:
             chunk = [prompts[i] for i in batch]
-            records = teacher_records(self.model, [p["id"] for p in chunk], [p["input_ids"] for p in chunk],
-                                      self.responses(chunk), self.cfg)
+            chunks.append({"prompt_ids": [p["id"] for p in chunk], "prompts": [p["input_ids"] for p in chunk],
+                           "responses": self.responses(chunk)})
+        by_index = {}
+        for batch, records in zip(batches, self.batch_records(chunks)):
             by_index.update(zip(batch, records))
         return [by_index[i] for i in range(len(prompts))]
+
+    def batch_records(self, chunks: list[dict]) -> list[list[TeacherSequence]]:
+        """The records of each batch ({prompt_ids, prompts, responses}): this actor's whole model, batch by
+        batch, or a split replica's stage pipeline, every batch of the shard at once (the stages overlap)."""
+        if self.model is not None:
+            return [teacher_records(self.model, c["prompt_ids"], c["prompts"], c["responses"], self.cfg)
+                    for c in chunks]
+        results = staged_records(self.stages, [
+            {"prompt_ids": c["prompt_ids"], "prompts": c["prompts"],
+             "seqs": [p + r for p, r in zip(c["prompts"], c["responses"])]} for c in chunks])
+        self.busy = [span for r in results for span in r["busy"]]  # the stages' timeline of this shard
+        return [r["records"] for r in results]
 
     def __call__(self, batch: dict) -> dict:
         assert len(batch["name"]) == 1, "map_batches must run with batch_size=1 (one shard per call)"

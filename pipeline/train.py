@@ -112,11 +112,10 @@ def _heldout(rows: list[int], fraction: float, seed: int) -> set[tuple[int, int]
 def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
     """The base model's (V, H) input embeddings in fp32. Reads only that tensor from a local safetensors
     checkpoint when it can find it (a 70B model is not loaded per worker); else loads the model."""
-    from pipeline.base_model import input_embeddings, load_base_model, resolve_model_path
+    from pipeline.base_model import input_embeddings, load_base_model, read_tensors, resolve_model_path
 
     path = Path(resolve_model_path(model_cfg))
     if path.is_dir():
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
@@ -124,14 +123,10 @@ def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
         weight = skeleton.get_input_embeddings().weight
         names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
-        index = path / "model.safetensors.index.json"
-        files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
-        for name in names:
-            file = path / files.get(name, "model.safetensors")
-            if file.is_file():
-                with safe_open(str(file), "pt") as f:
-                    if name in f.keys() and tuple(f.get_slice(name).get_shape()) == tuple(weight.shape):
-                        return f.get_tensor(name).float()
+        for name in names:  # one at a time: a tied output layer is the same table, read only if needed
+            table = read_tensors(path, {name: name}).get(name)
+            if table is not None and tuple(table.shape) == tuple(weight.shape):
+                return table.float()
     model, _ = load_base_model(model_cfg)
     return input_embeddings(model)
 

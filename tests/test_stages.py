@@ -60,12 +60,16 @@ def test_chained_stages_equal_the_whole_model_and_hold_only_their_slice(tmp_path
         np.testing.assert_allclose(g.tail_logprob, e.tail_logprob, atol=1e-5)
         assert (g.topk_ids == e.topk_ids).all() and (g.tokens == e.tokens).all()
 
-    # each stage holds its own layers and nothing of the others: stage 0 the embeddings, the last one the
-    # final norm and the output layer
+    assert_each_holds_its_slice(whole, stages)
+
+
+def assert_each_holds_its_slice(whole, stages: list) -> None:
+    """Each stage holds its own layers, equal to the whole model's, and nothing of the others: stage 0 the
+    embeddings, the last one the final norm and the output layer."""
     whole_params = dict(whole.named_parameters(remove_duplicate=False))
-    layer = "model.layers."
+    layer, last = "model.layers.", len(stages) - 1
     for index, stage in enumerate(stages):
-        own = stage_layers(5, 3)[index]
+        own = stage_layers(whole.config.num_hidden_layers, len(stages))[index]
         names = dict(stage.named_parameters(remove_duplicate=False))
         assert len(stage.get_decoder().layers) == len(own)
         for name, p in names.items():
@@ -74,7 +78,19 @@ def test_chained_stages_equal_the_whole_model_and_hold_only_their_slice(tmp_path
                 name = f"{layer}{own[int(j)]}.{rest}"
             torch.testing.assert_close(p, whole_params[name], rtol=0, atol=0)
         assert any(n.startswith("model.embed_tokens") for n in names) == (index == 0)
-        assert any(n.startswith(("model.norm", "lm_head")) for n in names) == (index == 2)
+        assert any(n.startswith(("model.norm", "lm_head")) for n in names) == (index == last)
+
+
+def test_stages_read_their_tensors_from_a_sharded_checkpoint(tmp_path):
+    """Large models come as several safetensors files and model.safetensors.index.json: each stage finds its
+    tensors through the index (pipeline/base_model.py read_tensors, the lookup the drafter's embedding table
+    uses too: tests/test_train.py)."""
+    whole, _ = load_base_model(ModelConfig(base_model=str(build_tiny_model(tmp_path / "m", num_layers=4))))
+    whole.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    files = {p.name for p in (tmp_path / "sharded").glob("*.safetensors")}
+    assert len(files) > 2 and "model.safetensors" not in files
+    cfg = ModelConfig(base_model=str(tmp_path / "sharded"))
+    assert_each_holds_its_slice(whole, [load_stage(cfg, i, 3) for i in range(3)])
 
 
 def test_models_that_scale_their_input_embeddings_are_refused_by_name(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from transformers import (Gemma2Config, Gemma3TextConfig, Llama4TextConfig, LlamaConfig, MistralConfig, OlmoConfig,
                           Qwen2Config, Qwen3NextConfig)
 
-from pipeline.support import check_support, unsupported_features
+from pipeline.support import SCALED_EMBEDDINGS, TESTED_FAMILIES, check_support, unsupported_features
 
 
 def test_llama_is_supported():
@@ -51,3 +51,18 @@ def test_pipeline_refuses_before_any_work(tmp_path, capsys):
     assert pm.main(["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={tmp_path}"]) == 2
     assert "use_bidirectional_attention=True" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_scaled_embeddings_are_the_tested_families_whose_embeddings_transformers_scales():
+    """SCALED_EMBEDDINGS, the per-family fact the split teacher (pipeline/stages.py) refuses by: for every
+    tested family it says what the family's own embedding layer does, and a split replica refuses exactly
+    the families it names."""
+    from pipeline.stages import stage_problems
+    from tests.test_families import family_model
+
+    scaled = {name for name in TESTED_FAMILIES
+              if float(getattr(family_model(name).get_input_embeddings(), "embed_scale", 1.0)) != 1.0}
+    assert scaled == set(SCALED_EMBEDDINGS) & set(TESTED_FAMILIES) == {"gemma2", "gemma3_text"}
+    for config in (LlamaConfig(), Gemma2Config(), Gemma3TextConfig()):
+        refused = [p for p in stage_problems(2, config) if "scales its input embeddings" in p]
+        assert bool(refused) == (config.model_type in SCALED_EMBEDDINGS), config.model_type

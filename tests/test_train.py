@@ -187,13 +187,19 @@ def test_mismatched_teacher_data_is_refused(tiny_model_dir, teacher_dir, tmp_pat
                   bad, tmp_path / "out")
 
 
-def test_embedding_table_is_read_without_loading_the_model(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_embedding_table_is_read_without_loading_the_model(tiny_model_dir, tmp_path, monkeypatch, sharded):
     import pipeline.base_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     expected = model.get_input_embeddings().weight.detach()
+    model_dir = tiny_model_dir
+    if sharded:  # several safetensors files and model.safetensors.index.json, as large models come
+        model_dir = tmp_path / "sharded"
+        model.save_pretrained(model_dir, max_shard_size="20KB")
+        assert len(list(model_dir.glob("*.safetensors"))) > 2 and not (model_dir / "model.safetensors").exists()
     monkeypatch.setattr(pipeline.base_model, "load_base_model", lambda *a, **k: pytest.fail("loaded the full model"))
-    torch.testing.assert_close(load_embedding_table(ModelConfig(base_model=str(tiny_model_dir))), expected,
+    torch.testing.assert_close(load_embedding_table(ModelConfig(base_model=str(model_dir))), expected,
                                rtol=0, atol=0)
 
 
