@@ -64,7 +64,8 @@ def test_warmup_longer_than_the_run_warns():
     ("teacher.shard_size=64", "make at most 1 teacher shard(s) of teacher.shard_size=64 for train.num_workers=2"),
     ("eval.max_new_tokens=505", "the longest eval prompt + eval.max_new_tokens + the beams' slots"),
 ])
-def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, tmp_path, override, message):
+def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, tmp_path, override, message,
+                                                              ray_free):
     """teacher.top_k, the teacher's and the eval's context, and workers vs shards: checked before Ray starts."""
     from pipeline.main import run_dir_of, run_pipeline
 

@@ -23,7 +23,8 @@ def ray_cleanup():
 
 @pytest.mark.parametrize("error,code,status", [(RuntimeError("decoder exploded"), 1, "failed"),
                                                (KeyboardInterrupt(), 130, "interrupted")])
-def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, capsys, ray_cleanup, error, code, status):
+def test_stage_failure_keeps_the_record(tiny_model_dir, tmp_path, monkeypatch, capsys, ray_free, ray_cleanup, error,
+                                        code, status):
     def boom(*args, **kwargs):
         raise error
 

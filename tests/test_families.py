@@ -206,7 +206,7 @@ def test_training_free_baselines_equal_plain(family):
     assert prompt_lookup_generate(model, prompts[:4], MAX_NEW, None).tokens == plain[:4], name
 
 
-def test_the_pipeline_runs_a_hybrid_soft_capped_family_end_to_end(tmp_path):
+def test_the_pipeline_runs_a_hybrid_soft_capped_family_end_to_end(tmp_path, ray_free):
     """The failure that motivated this file: a sliding-window model went through teacher and training,
     then the eval crashed in the verify forward. Here a Gemma 2 (alternating 8-token sliding and global
     layers, attention and final-logit soft-capping) goes through every stage of the real pipeline

@@ -16,6 +16,8 @@ import pipeline.main as pm
 from pipeline.config import load_config
 from pipeline.plan import REFUSED, RESUME, REUSE, RUN, plan_stages
 
+pytestmark = pytest.mark.usefixtures("ray_free")  # pipeline.main runs in this process, with its own Ray
+
 
 def _argv(model_dir, out_dir, *extra):
     return ["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={out_dir}", "run.name=r",

@@ -121,15 +121,6 @@ def chat_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_split_replicas_write_the_shards_a_whole_replica_writes_and_overlap(ray_local, chat_model, tmp_path):
     """ShareGPT replies recorded through the teacher stage (Ray Data) by a replica split into 2 stage actors:
     the records a whole replica computes, and inside a shard the two stages worked at once."""

@@ -27,7 +27,6 @@ from pipeline.tracking import read_offline_run
 from pipeline.train import TeacherData, latest_checkpoint_step, load_embedding_table, run_train
 from tests.test_faults import small_disk  # noqa: F401  (fixture: a real tmpfs that fills up)
 
-REPO = Path(__file__).resolve().parent.parent
 TOP_K = 8
 TRAIN = TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=2, lr=1e-2, warmup_steps=2, epochs=4, batch_size=2,
                     heldout_fraction=0.1, log_every=5, checkpoint_every=10, position_weight_decay=0.8)
@@ -73,16 +72,6 @@ def write_teacher_dir(model_dir: Path, out: Path, num_shards: int = 4, per_shard
                 "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +213,9 @@ def test_data_split_and_order_are_deterministic(teacher_dir):
     assert [q.prompt_id for q in ranks[0].batch(5)] != [q.prompt_id for q in ranks[0].batch(0)]  # reshuffled
 
 
-LONG = dataclasses.replace(TRAIN, epochs=12, checkpoint_every=10, max_failures=1)  # 60 steps: room for a fault
-
-
-@pytest.fixture(scope="module")
-def clean_long_run(ray_local, tiny_model_dir, teacher_dir, tmp_path_factory):
-    """The uninterrupted 60-step run every faulty run must end identical to."""
-    out = tmp_path_factory.mktemp("clean_long")
-    result = run_train(ModelConfig(base_model=str(tiny_model_dir)), DRAFTER, LONG, TrackingConfig(mode="disabled"),
-                       teacher_dir, out, seed=0)
-    return out, result
+# full_run's training (checkpoint_every and max_failures do not change the result, so it is the same Ray
+# run's inputs) with a checkpoint every 3 steps, mid-epoch too: room for two faults in its 20 steps
+FAULTY = dataclasses.replace(TRAIN, checkpoint_every=3, max_failures=1)
 
 
 def registered_step(out: Path) -> int:
@@ -242,16 +224,16 @@ def registered_step(out: Path) -> int:
 
 
 def test_a_killed_worker_restarts_and_a_full_disk_gives_up_then_the_rerun_ends_identical(
-        ray_local, tiny_model_dir, teacher_dir, clean_long_run, small_disk, capfd):  # noqa: F811 (the fixture)
-    """Two faults in one 60-step run (train.max_failures=1), the run directory on a real tmpfs:
-    1. a training worker is SIGKILLed after checkpoint 20: Ray Train restarts the worker group from the last
-       checkpoint inside the same Ray run;
+        ray_local, tiny_model_dir, teacher_dir, full_run, small_disk, capfd):  # noqa: F811 (the fixture)
+    """Two faults in one 20-step run (train.max_failures=1), the run directory on a real tmpfs:
+    1. a training worker is SIGKILLed after the first checkpoint (step 3): Ray Train restarts the worker
+       group from the last checkpoint inside the same Ray run;
     2. after the restarted group has registered a new checkpoint, the disk fills up: writing the next
        checkpoint fails and, with no restarts left, the stage gives up with ONE line that the pipeline
        recognises as a full disk (it prints "no space left on the disk of ... rerun the same command") and
        that says from which checkpoint a rerun resumes (only checkpoints Ray Train registered count).
-    After the disk grows, the same call resumes there and ends with the uninterrupted run's drafter, bit for
-    bit."""
+    After the disk grows, the same call resumes there and ends with the uninterrupted run's (full_run's)
+    drafter, bit for bit."""
     import os
     import re
     import shutil
@@ -265,14 +247,14 @@ def test_a_killed_worker_restarts_and_a_full_disk_gives_up_then_the_rerun_ends_i
     from tests.test_faults import _resize
 
     model, off = ModelConfig(base_model=str(tiny_model_dir)), TrackingConfig(mode="disabled")
-    clean_out, clean = clean_long_run
+    clean_out, clean = full_run
     out = small_disk / "train"
     _resize(small_disk, 64 << 20)
     killed, filled = [], []
 
     def faults():
         deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "ray").glob("train-*/checkpoint_0000020")):
+        while time.time() < deadline and registered_step(out) < FAULTY.checkpoint_every:  # a checkpoint to resume
             time.sleep(0.02)
         before = registered_step(out)
         ours = [p for p in psutil.Process().children(recursive=True)  # this test's own cluster only
@@ -287,22 +269,23 @@ def test_a_killed_worker_restarts_and_a_full_disk_gives_up_then_the_rerun_ends_i
 
     threading.Thread(target=faults, daemon=True).start()
     with pytest.raises(RuntimeError) as failure:
-        run_train(model, DRAFTER, LONG, off, teacher_dir, out, seed=0)
+        run_train(model, DRAFTER, FAULTY, off, teacher_dir, out, seed=0)
     first = "".join(capfd.readouterr())
     assert killed and filled, "the faults were not injected"
-    assert re.search(r"train: resuming from step (10|20|30)", first)  # the restart resumed from a checkpoint
+    resumed = re.search(r"train: resuming from step (\d+)", first)  # the restart resumed from a checkpoint
+    assert resumed and int(resumed.group(1)) % FAULTY.checkpoint_every == 0 and 0 < int(resumed.group(1)) < 20, first
     assert len(list((out / "ray").glob("train-*"))) == 1  # the same Ray run continued, no new one
     assert disk_full(failure.value), failure.value
     step = registered_step(out)
     line = str(failure.value)
     assert "\n" not in line and line.startswith("training failed after 1 restart(s) of the worker group"), line
-    assert filled[0] <= step < 60
+    assert filled[0] <= step < 20
     assert line.endswith(f"Rerunning the same command resumes from the checkpoint at step {step}"), line
     assert not (out / "drafter").exists()  # no drafter from a run that did not finish
 
     _resize(small_disk, 64 << 20)
-    result = run_train(model, DRAFTER, LONG, off, teacher_dir, out, seed=0)
-    assert result["steps"] == clean["steps"] == 60
+    result = run_train(model, DRAFTER, FAULTY, off, teacher_dir, out, seed=0)
+    assert result["steps"] == clean["steps"] == 20 and result["inputs"] == clean["inputs"]
     time.sleep(2)  # worker output reaches the driver asynchronously
     assert re.search(rf"train: resuming from step {step}\b", "".join(capfd.readouterr()))
     assert sha256_file(out / "drafter" / "drafter.safetensors") == \
