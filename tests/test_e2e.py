@@ -85,11 +85,11 @@ def _run_submission(cmd: list[str], env: dict, timeout: int) -> subprocess.Compl
     job, please try again later" for a few seconds: then try again (nothing was submitted)."""
     import time
 
-    for _ in range(12):
+    for _ in range(60):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
             return proc
-        time.sleep(5)
+        time.sleep(1)
     return proc
 
 
