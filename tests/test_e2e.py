@@ -85,12 +85,12 @@ def _run_submission(cmd: list[str], env: dict, timeout: int) -> subprocess.Compl
     job, please try again later" for a few seconds: then try again (nothing was submitted)."""
     import time
 
-    for _ in range(60):
+    deadline = time.time() + 60
+    while True:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
             return proc
         time.sleep(1)
-    return proc
 
 
 def _submit(env: dict, out: Path, overrides: list[str] | None = None) -> str:
