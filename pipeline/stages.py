@@ -14,8 +14,9 @@ ObjectRef, so the driver submits a whole shard at once and the stages overlap by
 Each stage reads only its own tensors from the checkpoint (the skeleton is built on the meta device, cut
 to the slice, then filled from the safetensors files), so no process ever holds the whole model. The
 stages run the model's own decoder forward (its masks, rotary embeddings and layer kinds), cut to their
-layers: stage s > 0 enters through `inputs_embeds`, which this forward must take unscaled (Gemma
-multiplies it by sqrt(H): refused by name), and every stage but the last skips the final norm.
+layers: stage s > 0 enters through `inputs_embeds`, and every stage but the last skips the final norm.
+Gemma is refused by name: its embedding layer multiplies by sqrt(H) from a non-persistent buffer that
+is not in the checkpoint, which stage 0's loader does not rebuild (it rebuilds rotary buffers only).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def stage_problems(stages: int, text_config) -> list[str]:
         return []
     problems = []
     if text_config.model_type in SCALED_EMBEDDINGS:
-        problems.append(f"teacher.stages={stages}: {text_config.model_type} scales its input embeddings inside "
-                        "the decoder forward, so a later stage cannot enter it with hidden states; use teacher.stages=1")
+        problems.append(f"teacher.stages={stages}: {text_config.model_type} scales its input embeddings by sqrt(H) "
+                        "from a buffer that is not in the checkpoint, which the stage loader does not rebuild; "
+                        "use teacher.stages=1")
     if stages > text_config.num_hidden_layers:
         problems.append(f"teacher.stages={stages} exceeds the base model's {text_config.num_hidden_layers} layers")
     return problems
