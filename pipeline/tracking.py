@@ -138,8 +138,9 @@ def read_offline_run(run_path: str | Path) -> dict:
         rec = pb.Record()
         rec.ParseFromString(pending)
         which = rec.WhichOneof("record_type")
-        if which == "run":
-            out.update(group=rec.run.run_group, job_type=rec.run.job_type, name=rec.run.display_name)
+        if which == "run":  # a later run record (an update) may leave fields empty: keep what was set
+            found = {"group": rec.run.run_group, "job_type": rec.run.job_type, "name": rec.run.display_name}
+            out.update({k: v for k, v in found.items() if v})
         elif which == "history":
             row = {it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item}
             out["history"].append(row)
