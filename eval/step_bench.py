@@ -161,6 +161,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_per_call(fn, steps: int, graphs: bool, device: torch.device) -> float:
+    """Mean seconds of `fn()` over `steps` calls after one untimed call; with `graphs`, `fn` is captured
+    as a CUDA graph first (3 warm-up calls on a side stream) and each call is a replay."""
+    run = fn
+    if graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 @torch.no_grad()
 def time_verify_forward(model, prompts: list[list[int]], width: int, length: int, max_cache_len: int,
                         steps: int, graphs: bool) -> float:
@@ -177,25 +201,7 @@ def time_verify_forward(model, prompts: list[list[int]], width: int, length: int
     def forward():
         base_forward(model, state.cache, tree.tokens_BP, position_ids_BP, masks, write_at)
 
-    run = forward
-    if graphs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-        run = graph.replay
-    run()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_call(forward, steps, graphs, device)
 
 
 def decode_loop(decoder: GraphedDecoder, prompts, max_new_tokens: int):
@@ -214,25 +220,7 @@ def time_proposer(decoder: GraphedDecoder, batch_size: int, max_new_tokens: int,
     def propose():
         decoder.proposer.propose(step.state)
 
-    run = propose
-    if decoder.graphs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                propose()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            propose()
-        run = graph.replay
-    run()
-    synchronize(decoder.model.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    synchronize(decoder.model.device)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_call(propose, steps, decoder.graphs, decoder.model.device)
 
 
 def bench(args, models=None) -> dict:
