@@ -206,7 +206,7 @@ class LookaheadProposer(Proposer):
 
     def pack(self, proposal: Proposal, dedup: bool, size: int | None = None) -> Tree:
         if size is not None:
-            raise NotImplementedError("lookahead has no static step: its pool grows as it decodes")
+            raise ValueError("lookahead has no static step (eval/graphs.py): its pool grows as it decodes")
         self.verification = pack_tree(proposal.paths_BWL, dedup=dedup)
         return pack_lookahead(self.verification, self.la.window_BLW)
 
