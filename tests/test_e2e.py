@@ -2,8 +2,8 @@
 --address=...`, one CPU each), then `launch/submit.sh` (`ray job submit`) runs
 `python -m pipeline.main recipe=tiny`, scaled down by overrides, through real Ray Data, Ray Train,
 DeepSpeed and W&B (offline). Ray's state API must show teacher actors and training workers on both
-nodes (one CPU per node forces the spread); the run directory is on storage both nodes see. A second
-submission of the same command must reuse every stage.
+nodes (one CPU per node forces the spread); the run directory is on storage both nodes see. The first
+submission is stopped with `ray job stop` mid-teacher; the same submission again resumes it.
 
     python -m pytest tests/test_e2e.py -q
 """
@@ -26,10 +26,11 @@ BIN = Path(sys.executable).parent
 
 SCALED_DOWN = [
     "recipe=tiny", "run.name=e2e",
-    "data.train.limit=24", "teacher.max_new_tokens=24", "teacher.shard_size=6", "teacher.batch_size=6",
+    "data.train.limit=24", "teacher.max_new_tokens=48", "teacher.shard_size=2", "teacher.batch_size=2",
     "train.epochs=1", "train.batch_size=4", "train.log_every=2", "train.checkpoint_every=3",
     "eval.num_prompts=3", "eval.max_new_tokens=24", "eval.repeats=1",
 ]
+SHARDS = 12  # 24 prompts, 2 per shard: small shards, so that `ray job stop` lands while some are pending
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +106,43 @@ def _submit(env: dict, out: Path, overrides: list[str] | None = None) -> str:
 
 
 @pytest.mark.e2e
-def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
-    log = _submit(ray_cluster, tmp_path)
+def test_tiny_pipeline_through_ray_job_submit_stopped_mid_teacher_then_resumed(ray_cluster, tmp_path):
+    """The whole pipeline through `ray job submit` on two nodes, interrupted the way a user interrupts it:
+    `ray job stop` while the teacher stage runs (Ray sends the driver SIGTERM). The job stops, the run
+    directory records the teacher stage as interrupted, and submitting the same command again keeps
+    every shard journaled before the stop (same inode, same bytes), finishes the rest and runs every
+    later stage. (One test, not two: each submission costs a driver, its actors and a Ray Train run.)"""
+    import time
+
+    env = {**ray_cluster, "RAY_AUTH_MODE": "token"} if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) \
+        else ray_cluster
+    overrides = [*SCALED_DOWN, f"run.output_dir={tmp_path}"]
     run = tmp_path / "e2e"
+    job = f"draftforge-stop-{os.getpid()}"
+    submitted = _run_submission(
+        [str(BIN / "ray"), "job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir", str(REPO),
+         "--runtime-env-json", '{"excludes": ["outputs/", ".venv/", "venv/", "wandb/", ".git/"]}',
+         "--", "python", "-m", "pipeline.main", *overrides],
+        env, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    journal = run / "teacher" / "progress.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not journal.is_file() or len(journal.read_text().splitlines()) < 1):
+        time.sleep(0.05)
+    assert journal.is_file(), "the teacher stage never journaled a shard"
+    stopped = subprocess.run([str(BIN / "ray"), "job", "stop", job], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    done = [json.loads(line)["name"] for line in journal.read_text().splitlines() if line.strip().endswith("}")]
+    assert len(done) < SHARDS, "the teacher stage finished before the stop"
+    shards = run / "teacher" / "shards"
+    kept = {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"]["teacher"] == "interrupted", summary
+    assert not (run / "train").exists()
+
+    log = _submit(env, tmp_path, overrides=overrides)
+    assert "stage teacher: will resume" in log, log[-3000:]
     assert "=== draftforge summary ===" in log
 
     # both nodes worked: the teacher actors and the training workers ran on each of them
@@ -117,10 +152,11 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
         used = {a["node_id"] for a in placement["actors"] if kind in a["class_name"]}
         assert used == set(placement["nodes"]), (kind, used, placement)
 
-    # teacher: shards + manifest whose checksums hold
+    # teacher: shards + manifest whose checksums hold; the shards journaled before the stop kept as they were
     manifest = json.loads((run / "teacher" / "manifest.json").read_text())
-    assert manifest["num_sequences"] == 24 and len(manifest["shards"]) == 4
-    assert all((run / "teacher" / "shards" / s["name"]).is_file() for s in manifest["shards"])
+    assert manifest["num_sequences"] == 24 and len(manifest["shards"]) == SHARDS
+    assert all((shards / s["name"]).is_file() for s in manifest["shards"])
+    assert {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done} == kept
 
     # train: Ray Train checkpoints and the final drafter
     checkpoints = list((run / "train").rglob("checkpoint_*"))
@@ -142,9 +178,11 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     lineage = json.loads((export / "lineage.json").read_text())
     assert lineage["base_model_hash"] and lineage["teacher_manifest_hash"] and lineage["code_version"]
 
-    # W&B offline runs: one group, one run per stage, the eval as tables and the plot as an image
+    # W&B offline runs: one group, one run per stage (the stopped teacher had not opened its run yet),
+    # the eval as tables and the plot as an image
     runs = [read_offline_run(p.parent) for p in (run / "wandb").rglob("run-*.wandb")]
-    assert sorted(r["job_type"] for r in runs) == ["eval", "teacher", "train"] and {r["group"] for r in runs} == {run.name}
+    assert sorted(r["job_type"] for r in runs) == ["eval", "teacher", "train"], runs
+    assert {r["group"] for r in runs} == {run.name}
     keys = set().union(*(r["summary"] for r in runs)) if runs else set()
     assert "tokens_per_step" in keys and any(k.startswith("train/") for k in keys), keys
     logged = {k: v for r in runs for row in r["history"] for k, v in row.items()}
@@ -152,46 +190,4 @@ def test_tiny_pipeline_through_ray_job_submit(ray_cluster, tmp_path):
     assert logged["eval/plot/_type"] == "image-file" and logged["eval/methods/nrows"] >= 3
     aliases = {a for r in runs for art in r["artifacts"] for a in art["aliases"]}
     assert kind in aliases, aliases
-
-    # (the same submission again resuming or reusing: test_ray_job_stop_mid_teacher_then_the_same_submission_resumes;
-    # reuse of finished stages: tests/test_plan.py)
-
-
-@pytest.mark.e2e
-def test_ray_job_stop_mid_teacher_then_the_same_submission_resumes(ray_cluster, tmp_path):
-    """`ray job stop` while the teacher stage runs (Ray sends the driver SIGTERM): the job stops, the
-    run directory records the teacher stage as interrupted, and submitting the same command again keeps
-    every shard journaled before the stop (same inode, same bytes) and finishes the rest."""
-    import time
-
-    env = {**ray_cluster, "RAY_AUTH_MODE": "token"} if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) \
-        else ray_cluster
-    overrides = ["recipe=tiny", "run.name=stop", "data.train.limit=24", "teacher.shard_size=2",
-                 "teacher.max_new_tokens=48", "teacher.num_actors=1", "run.stages=[teacher]",
-                 f"run.output_dir={tmp_path}"]
-    job = f"draftforge-stop-{os.getpid()}"
-    submitted = _run_submission(
-        [str(BIN / "ray"), "job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir", str(REPO),
-         "--runtime-env-json", '{"excludes": ["outputs/", ".venv/", "venv/", "wandb/", ".git/"]}',
-         "--", "python", "-m", "pipeline.main", *overrides],
-        env, timeout=300)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    journal = tmp_path / "stop" / "teacher" / "progress.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and (not journal.is_file() or len(journal.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    assert journal.is_file(), "the teacher stage never journaled a shard"
-    stopped = subprocess.run([str(BIN / "ray"), "job", "stop", job], env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    done = [json.loads(line)["name"] for line in journal.read_text().splitlines() if line.strip().endswith("}")]
-    assert len(done) < 12, "the teacher stage finished before the stop"
-    shards = tmp_path / "stop" / "teacher" / "shards"
-    kept = {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done}
-    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
-    assert summary["stages"]["teacher"] == "interrupted", summary
-    log = _submit(env, tmp_path, overrides=overrides)
-    assert "stage teacher: will resume" in log, log[-3000:]
-    manifest = json.loads((tmp_path / "stop" / "teacher" / "manifest.json").read_text())
-    assert manifest["num_sequences"] == 24 and len(manifest["shards"]) == 12
-    assert {name: ((shards / name).stat().st_ino, (shards / name).read_bytes()) for name in done} == kept
+    # (reuse of finished stages: tests/test_plan.py)
