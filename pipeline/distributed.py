@@ -53,10 +53,22 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
+def skip_shm_all_reduce(deepspeed) -> None:
+    """Tell DeepSpeed not to JIT-build its shared-memory all-reduce (`deepspeed_shm_comm`). Its CPU
+    communication backend builds that C++ op when it starts, but only `inference_all_reduce` (inference
+    tensor parallelism) uses it; training all-reduces go through torch.distributed (gloo here). The
+    build took 30-47 s on a 2-core machine, once per virtual environment, and again each time a second
+    environment on the machine had built it last (torch keys the cache by name, not by path).
+    DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one module-level dict so that edits to it persist."""
+    compatible = deepspeed.ops.__compatible_ops__
+    compatible["deepspeed_shm_comm"] = False
+
+
 def init_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int, total_steps: int):
     """A DeepSpeed engine around `model` (its trainable parameters get AdamW + the warmup/decay lr)."""
     import deepspeed
 
+    skip_shm_all_reduce(deepspeed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg.warmup_steps, total_steps))
