@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 SCALED_DOWN = [
     "recipe=smollm2", "run.name=smollm2-e2e",
-    "data.train.limit=16", "teacher.max_new_tokens=24", "teacher.shard_size=8", "teacher.batch_size=8",
+    "data.train.limit=10", "teacher.max_new_tokens=16", "teacher.shard_size=5", "teacher.batch_size=5",
     "drafter.draft_vocab_size=512", "drafter.exit_dim=128",
-    "train.epochs=1", "train.batch_size=4", "train.log_every=1", "train.warmup_steps=1",
-    "eval.num_prompts=3", "eval.max_new_tokens=16", "eval.repeats=1", "eval.baselines=[prompt_lookup]",
+    "train.epochs=1", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
+    "eval.num_prompts=3", "eval.max_new_tokens=8", "eval.repeats=1", "eval.baselines=[prompt_lookup]",
 ]
 
 
@@ -47,7 +47,7 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     accounting = manifest["prompt_accounting"]
     sharegpt = accounting["sources"]["sharegpt"]
     assert sharegpt["considered"] == sharegpt["kept"] + sum(sharegpt["skipped"].values())
-    assert accounting["used"] == manifest["num_sequences"] == 16
+    assert accounting["used"] == manifest["num_sequences"] == 10
     assert manifest["hidden_size"] == 576 and manifest["vocab_size"] == 49152
     # the recipe's teacher records ShareGPT's own replies, teacher-forced: each stored sequence is the last
     # prompt token then the reply's tokens, cut at the end of turn or after teacher.max_new_tokens
@@ -57,7 +57,7 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     tokenizer = load_tokenizer(load_config(SCALED_DOWN).model)
     data = load_config(SCALED_DOWN).data
     prompt = next(p for p in training_prompts(data, tokenizer, "corpus")[0] if p.id == seq.prompt_id)
-    assert seq.tokens.tolist() == prompt.input_ids[-1:] + cut_response(prompt.reply_ids, [tokenizer.eos_token_id], 24)
+    assert seq.tokens.tolist() == prompt.input_ids[-1:] + cut_response(prompt.reply_ids, [tokenizer.eos_token_id], 16)
 
     arch = json.loads((run / "train" / "drafter" / "arch.json").read_text())
     assert arch["draft_vocab_size"] == 512
