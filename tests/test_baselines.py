@@ -18,7 +18,7 @@ from eval.decoder import prefill
 from eval.lookahead import LookaheadDecoder, NgramPool, pack_lookahead
 from eval.metrics import DecodeStats
 from eval.tree import pack_tree
-from tests.test_decoder import hf_greedy, make_prompts
+from tests.test_decoder import hf_greedy, make_prompts, ragged_eos_case
 from tests.test_decoder import assert_cache_matches_prefill
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 
@@ -34,11 +34,7 @@ def setup(request):
     model = tiny_llama(request.param)
     prompts = make_prompts(10, seed=0)
     assert len({len(p) for p in prompts}) >= 8
-    free = hf_greedy(model, prompts, MAX_NEW, None)
-    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V)
-    eos = int(counts.argmax())
-    reference = hf_greedy(model, prompts, MAX_NEW, eos)
-    assert any(len(t) < MAX_NEW for t in reference) and any(len(t) == MAX_NEW for t in reference)
+    _, eos, reference = ragged_eos_case(model, prompts, hf_greedy, MAX_NEW)
     return model, prompts, eos, reference
 
 

@@ -17,7 +17,7 @@ import torch
 from eval.decoder import compile_base, first_divergence, plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline.drafter import build_drafter, make_arch
-from tests.test_decoder import MAX_NEW, TableDrafter, V, make_prompts, seen_bigram_table
+from tests.test_decoder import MAX_NEW, TableDrafter, V, make_prompts, ragged_eos_case, seen_bigram_table
 from tests.test_tree import IMPLS, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
@@ -30,11 +30,7 @@ def cuda_setup(impl: str, dtype: torch.dtype):
     the model often emits (some rows stop early), plus a seen-bigram drafter (ragged acceptance)."""
     model = tiny_llama(impl).to(CUDA, dtype)
     prompts = make_prompts(16, seed=0)
-    free = plain_greedy(model, prompts, MAX_NEW, None).tokens
-    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V)
-    eos = int(counts.argmax())
-    reference = plain_greedy(model, prompts, MAX_NEW, eos).tokens
-    assert any(len(t) < MAX_NEW for t in reference) and any(len(t) == MAX_NEW for t in reference)
+    free, eos, reference = ragged_eos_case(model, prompts)
     table = TableDrafter(seen_bigram_table(prompts, free)).to(CUDA)
     return model, prompts, eos, reference, table
 

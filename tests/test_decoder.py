@@ -84,17 +84,26 @@ def hf_greedy(model, prompts, max_new_tokens, eos_token_id):
     return out
 
 
+def ragged_eos_case(model, prompts, reference=None, max_new: int = MAX_NEW):
+    """(free, eos, reference) for ragged decoding tests: `free` = the model's greedy continuations
+    without an eos; eos = the token it emits most (after the first two), so that in `reference` (greedy
+    decoding with that eos: plain_greedy, or the function given) some rows stop early and others run to
+    max_new, which is asserted. Shared by the decoder, graph, baseline and CUDA tests."""
+    free = plain_greedy(model, prompts, max_new, None).tokens
+    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=model.config.vocab_size)
+    eos = int(counts.argmax())
+    ref = (reference or (lambda *a: plain_greedy(*a).tokens))(model, prompts, max_new, eos)
+    assert any(len(t) < max_new for t in ref) and any(len(t) == max_new for t in ref)
+    return free, eos, ref
+
+
 @pytest.fixture(scope="module", params=IMPLS)
 def setup(request):
     """model, prompts, eos, HF reference outputs and a seen-bigram table; eos is a token the model
     often emits, so some rows stop early and others run to max_new_tokens."""
     model = tiny_llama(request.param)
     prompts = make_prompts(16, seed=0)
-    free = plain_greedy(model, prompts, MAX_NEW, None).tokens
-    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V)
-    eos = int(counts.argmax())
-    reference = hf_greedy(model, prompts, MAX_NEW, eos)
-    assert any(len(t) < MAX_NEW for t in reference) and any(len(t) == MAX_NEW for t in reference)
+    free, eos, reference = ragged_eos_case(model, prompts, hf_greedy)
     return model, prompts, eos, reference, seen_bigram_table(prompts, free)
 
 

@@ -12,7 +12,6 @@ The dynamic step (eval/decoder.py run_step) must trip the same counter.
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eval.beam import BeamProposer
@@ -21,7 +20,8 @@ from eval.graphs import GraphedDecoder
 from eval.metrics import DecodeStats
 from eval.step_bench import OracleProposer, corruption_rate, llama_shape, verifier_fixed_point
 from eval.step_bench import main as bench_main
-from tests.test_decoder import MAX_NEW, TableDrafter, V, make_prompts, random_drafter, seen_bigram_table
+from tests.test_decoder import (MAX_NEW, TableDrafter, V, make_prompts, random_drafter, ragged_eos_case,
+                                seen_bigram_table)
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 
 # aten ops that make the host wait for the device (a value read back) or whose output shape depends
@@ -46,11 +46,7 @@ class HostReads(TorchDispatchMode):
 def setup(request):
     model = tiny_llama(request.param)
     prompts = make_prompts(12, seed=4)
-    free = plain_greedy(model, prompts, MAX_NEW, None).tokens
-    counts = torch.bincount(torch.tensor(sum((t[2:] for t in free), [])), minlength=V)
-    eos = int(counts.argmax())
-    reference = plain_greedy(model, prompts, MAX_NEW, eos).tokens
-    assert any(len(t) < MAX_NEW for t in reference) and any(len(t) == MAX_NEW for t in reference)
+    free, eos, reference = ragged_eos_case(model, prompts)
     return model, prompts, eos, reference, TableDrafter(seen_bigram_table(prompts, free))
 
 
