@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from eval.decoder import (DecodeState, GenerationResult, NextToken, PlainProposer, Proposer, argmax_token,
-                          check_prompts, core_step, greedy_verifier, new_cache, prefill, truncate)
+                          check_prompts, core_step, greedy_verifier, new_cache, prefill, stack_kv, truncate)
 from eval.metrics import DecodeStats
 
 # The decoding state a step reads and rewrites (its other fields are constant during a decode).
@@ -54,6 +54,7 @@ class StaticStep:
                  width: int, dedup: bool, graphs: bool):
         self.model, self.proposer, self.verifier, self.dedup, self.graphs = model, proposer, verifier, dedup, graphs
         self.cache = new_cache(model, batch_size, max_cache_len)
+        stack_kv(self.cache)  # one gather + one scatter commits the accepted K/V of every layer
         self.width = width  # out_BN columns: max_new_tokens + 2 L (eval/decoder.py commit)
         self.state: DecodeState | None = None
         self.graph: torch.cuda.CUDAGraph | None = None

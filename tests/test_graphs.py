@@ -12,15 +12,17 @@ The dynamic step (eval/decoder.py run_step) must trip the same counter.
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eval.beam import BeamProposer
-from eval.decoder import DecodeState, greedy_verifier, plain_greedy, prefill, run_step
+from eval.decoder import (DecodeState, commit_kv, greedy_verifier, new_cache, plain_greedy, prefill, run_step,
+                          stack_kv)
 from eval.graphs import GraphedDecoder
 from eval.metrics import DecodeStats
 from eval.step_bench import OracleProposer, corruption_rate, llama_shape, verifier_fixed_point
 from eval.step_bench import main as bench_main
-from tests.test_decoder import (MAX_NEW, TableDrafter, V, make_prompts, random_drafter, ragged_eos_case,
+from tests.test_decoder import (MAX_NEW, TableDrafter, V, make_prompts, ragged_eos_case, random_drafter,
                                 seen_bigram_table)
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 
@@ -60,6 +62,29 @@ def test_static_step_is_lossless(setup, W, L):
     assert decoder.generate(prompts[4:12], MAX_NEW, eos).tokens == reference[4:12]  # the same buffers again
     assert [decoder.generate([p], MAX_NEW, eos).tokens[0] for p in prompts[:3]] == reference[:3]  # batch 1
     assert len(decoder.buckets) == 2
+    assert all(hasattr(step.cache, "kv_stack") for step in decoder.buckets.values())  # the one-gather commit ran
+
+
+def test_the_stacked_commit_moves_what_the_per_layer_commit_moves():
+    """stack_kv: every layer's K/V become views of one tensor (what the model writes lands in it), and
+    committing through it moves exactly what the per-layer gather/scatter moves, overlapping ranges too."""
+    model = tiny_llama("sdpa")
+    per_layer, stacked = new_cache(model, 3, 32), new_cache(model, 3, 32)
+    gen = torch.Generator().manual_seed(0)
+    for a, b in zip(per_layer.layers, stacked.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            x.copy_(torch.randn(x.shape, generator=gen))
+            y.copy_(x)
+    assert stack_kv(stacked)
+    base = stacked.kv_stack.untyped_storage().data_ptr()
+    assert all(buf.untyped_storage().data_ptr() == base for layer in stacked.layers for buf in (layer.keys, layer.values))
+    src_BL = torch.tensor([[9, 10, 11], [12, 14, 15], [4, 5, 6]])
+    dst_BL = torch.tensor([[7, 8, 9], [10, 11, 12], [4, 5, 6]])  # overlapping, and a row already in place
+    commit_kv(per_layer, src_BL, dst_BL, static=True)
+    commit_kv(stacked, src_BL, dst_BL, static=True)
+    for a, b in zip(per_layer.layers, stacked.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert not torch.equal(per_layer.layers[0].keys[0, :, 7], stacked.kv_stack[0, 0, :, 0])  # it did move something
 
 
 def test_static_step_with_a_real_drafter_and_plain(setup):
@@ -72,6 +97,7 @@ def test_static_step_with_a_real_drafter_and_plain(setup):
     assert plain.generate(prompts[:2], 0, eos).tokens == [[], []]
 
 
+@torch.no_grad()  # as GraphedDecoder.generate runs it: the stacked K/V views take no autograd history
 def test_the_static_step_reads_nothing_back(setup):
     model, prompts, eos, _, table = setup
     decoder = GraphedDecoder(model, BeamProposer(table, 3, 4), 3, 4, max_cache_len=96)
