@@ -25,7 +25,7 @@ from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
 from eval.decoder import plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
-from eval.profile import cost_ratio, profile_decoder
+from eval.profile import cost_ratio, ideal_at, profile_decoder
 from eval.speculative import SpeculativeDecoder
 from pipeline.base_model import load_base_model
 from pipeline.config import Config, load_run_config
@@ -127,8 +127,10 @@ def main(argv=None) -> dict:
         }
         if args.profile_prompts:
             prof = profile_decoder(decoders[name], [p.input_ids for p in prompts[:args.profile_prompts]], n, eos)
-            entry["ideal_speedup"] = prof["speedup_bounds"]["base_forward_only"]
+            entry["ideal_speedup"] = ideal_at(r["tokens_per_step"], prof)  # as the eval stage computes it
+            entry["decoder_efficiency"] = r["speedup"] / entry["ideal_speedup"]
             entry["profile_ms_per_step"] = prof["ms_per_step"]
+            entry["profile_plain_step_ms"] = prof["plain_step_ms"]
         report["drafters"][name] = entry
 
     print(f"\nplain greedy: {report['plain_tokens_per_s']:.1f} tokens/s")

@@ -312,13 +312,13 @@ def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int 
     """What a decoder whose step cost only the verify forward would reach at the measured tau:
     ideal = tau x t(plain step) / t(verify forward over the packed tree), both timed here on a few
     prompts (eval/profile.py); decoder efficiency = measured speedup / ideal (docs/design.md §5)."""
-    from eval.profile import profile_decoder
+    from eval.profile import ideal_at, profile_decoder
 
     decoder = SpeculativeDecoder(model, drafter, eval_cfg.beam_width, eval_cfg.beam_length,
                                  top_logits=eval_cfg.beam_top_logits)
     prof = profile_decoder(decoder, [p.input_ids for p in prompts[:eval_cfg.profile_prompts]],
                            eval_cfg.max_new_tokens, eos)
-    ideal = record["tokens_per_step"] * prof["plain_step_ms"] / prof["ms_per_step"]["base_forward"]
+    ideal = ideal_at(record["tokens_per_step"], prof)
     return {"ideal_speedup": ideal, "decoder_efficiency": record["speedup"] / ideal,
             "step_profile": {"plain_step_ms": prof["plain_step_ms"], "spec_step_ms": prof["spec_step_ms"],
                              "ms_per_step": prof["ms_per_step"], "cost_ratio": prof["cost_ratio"],

@@ -81,6 +81,14 @@ def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_t
     }
 
 
+def ideal_at(tau: float, prof: dict) -> float:
+    """The ideal speedup at a measured tau: tau x t(plain step) / t(verify forward over the packed tree)
+    (docs/design.md §5), the two step times from a `profile_decoder` report. tau comes from the whole
+    measured run; the profile's few prompts only price the two steps (its own tau, on those prompts, is
+    in its speedup_bounds)."""
+    return tau * prof["plain_step_ms"] / prof["ms_per_step"]["base_forward"]
+
+
 def _matmul_params(module) -> int:
     """Multiply-accumulates per token of a module's linear layers (embedding lookups are not
     matmuls; a tied lm_head is a Linear and counts once)."""

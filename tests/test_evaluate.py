@@ -181,6 +181,10 @@ def test_drafters_comparison_in_one_run(setup, tmp_path):
     assert short["draft_vocab_size"] == len(d2t) and full["draft_vocab_size"] == 0
     assert short["cost"]["drafter_macs_per_draft"] < full["cost"]["drafter_macs_per_draft"]
     assert full["heldout_top1"][0] == 0.5 and short["ideal_speedup"] > 0
+    for entry in (full, short):  # the eval stage's ideal: this run's tau, the profile's two step times
+        assert entry["ideal_speedup"] == pytest.approx(entry["tokens_per_step"] * entry["profile_plain_step_ms"]
+                                                       / entry["profile_ms_per_step"]["base_forward"])
+        assert entry["decoder_efficiency"] == pytest.approx(entry["speedup"] / entry["ideal_speedup"])
     assert json.loads((tmp_path / "d.json").read_text())["drafters"].keys() == {"full", "small"}
     (runs[1] / "teacher" / "manifest.json").write_text(json.dumps({"base_model_hash": "other"}))
     with pytest.raises(SystemExit, match="different base models"):
