@@ -60,8 +60,7 @@ def skip_shm_all_reduce(deepspeed) -> None:
     build took 30-47 s on a 2-core machine, once per virtual environment, and again each time a second
     environment on the machine had built it last (torch keys the cache by name, not by path).
     DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one module-level dict so that edits to it persist."""
-    compatible = deepspeed.ops.__compatible_ops__
-    compatible["deepspeed_shm_comm"] = False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int, total_steps: int):

@@ -18,8 +18,7 @@ from eval.decoder import prefill
 from eval.lookahead import LookaheadDecoder, NgramPool, pack_lookahead
 from eval.metrics import DecodeStats
 from eval.tree import pack_tree
-from tests.test_decoder import hf_greedy, make_prompts, ragged_eos_case
-from tests.test_decoder import assert_cache_matches_prefill
+from tests.test_decoder import assert_cache_matches_prefill, hf_greedy, make_prompts, ragged_eos_case
 from tests.test_tree import IMPLS, single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
 
 V = 256

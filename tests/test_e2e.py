@@ -57,7 +57,8 @@ def ray_cluster(tmp_path_factory):
             env={**env, "RAY_AUTH_MODE": "token"} if token else env, capture_output=True, text=True, timeout=180,
         )
         assert join.returncode == 0, join.stdout + join.stderr
-        yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
+        # the clients (job submit/stop, the state API) present the token too
+        yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}", **({"RAY_AUTH_MODE": "token"} if token else {})}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -74,8 +75,6 @@ print(json.dumps({"nodes": nodes, "actors": actors}))
 
 def _placement(env: dict) -> dict:
     """{"nodes": alive node ids, "actors": [{class_name, node_id}]} from Ray's state API (finished actors too)."""
-    if os.path.isfile(os.path.expanduser("~/.ray/auth_token")):
-        env = {**env, "RAY_AUTH_MODE": "token"}
     done = subprocess.run([sys.executable, "-c", STATE], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -114,8 +113,7 @@ def test_tiny_pipeline_through_ray_job_submit_stopped_mid_teacher_then_resumed(r
     later stage. (One test, not two: each submission costs a driver, its actors and a Ray Train run.)"""
     import time
 
-    env = {**ray_cluster, "RAY_AUTH_MODE": "token"} if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) \
-        else ray_cluster
+    env = ray_cluster
     overrides = [*SCALED_DOWN, f"run.output_dir={tmp_path}"]
     run = tmp_path / "e2e"
     job = f"draftforge-stop-{os.getpid()}"
@@ -146,7 +144,7 @@ def test_tiny_pipeline_through_ray_job_submit_stopped_mid_teacher_then_resumed(r
     assert "=== draftforge summary ===" in log
 
     # both nodes worked: the teacher actors and the training workers ran on each of them
-    placement = _placement(ray_cluster)
+    placement = _placement(env)
     assert len(placement["nodes"]) == 2, placement["nodes"]
     for kind in ("TeacherWorker", "RayTrainWorker"):
         used = {a["node_id"] for a in placement["actors"] if kind in a["class_name"]}
