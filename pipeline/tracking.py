@@ -106,23 +106,44 @@ def log_artifact(run, path: str | Path, name: str, type: str, aliases: list[str]
     return run.log_artifact(artifact, aliases=list(aliases or []))
 
 
-def read_offline_run(run_path: str | Path) -> dict:
+def read_offline_run(run_path: str | Path, wait_s: float = 30.0) -> dict:
     """What an offline run recorded, read back from its transaction log (`run-<id>.wandb`):
     {"history": [{key: value, "_step": n}, ...], "summary": {key: value}, "artifacts": [{name, type, aliases}],
      "group", "job_type", "name"}.
 
     wandb >= 0.2x (wandb-core) writes no files/wandb-summary.json for offline runs; everything is in
-    this log, a LevelDB-style record log (32 KiB blocks, 7-byte record headers) of protobuf Records."""
-    import json
+    this log, a LevelDB-style record log (32 KiB blocks, 7-byte record headers) of protobuf Records.
 
-    from wandb.proto import wandb_internal_pb2 as pb
+    `run.finish()` returns before the W&B service has flushed the log (it is written by another
+    process, and closed after finish tells the service the run is done), so a log read in the same
+    process right after finish can be partial. A finished run's log ends with its exit record: this
+    waits up to `wait_s` seconds for it and raises if it never comes (a run still going, or killed)."""
+    import time
 
     run_path = Path(run_path)
     logs = [run_path] if run_path.is_file() else sorted(run_path.glob("run-*.wandb"))
     if not logs:
         raise ValueError(f"no W&B transaction log (run-*.wandb) in {run_path}")
-    data = logs[0].read_bytes()
-    out: dict = {"history": [], "summary": {}, "artifacts": [], "group": "", "job_type": "", "name": ""}
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _parse_transaction_log(logs[0].read_bytes())
+        if out.pop("exited"):
+            return out
+        if time.monotonic() > deadline:
+            raise ValueError(f"{logs[0]} holds no exit record after {wait_s:.0f} s: the run has not finished "
+                             "(still running, or killed before wandb finished it)")
+        time.sleep(0.1)
+
+
+def _parse_transaction_log(data: bytes) -> dict:
+    """The records of a (possibly still growing) transaction log; a torn last record is left out."""
+    import json
+
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict = {"history": [], "summary": {}, "artifacts": [], "group": "", "job_type": "", "name": "",
+                 "exited": False}
     pos, block, pending = 7, 32768, b""  # 7 = header ":W&B" + magic (2 bytes) + version (1 byte)
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
@@ -130,14 +151,20 @@ def read_offline_run(run_path: str | Path) -> dict:
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if pos > len(data):  # the writer is mid-record
+            break
         if kind == 0 and length == 0:  # zero padding
             continue
         pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (2, 3):
             continue
         rec = pb.Record()
-        rec.ParseFromString(pending)
+        try:
+            rec.ParseFromString(pending)
+        except DecodeError:
+            break
         which = rec.WhichOneof("record_type")
+        out["exited"] |= which == "exit"
         if which == "run":  # a later run record (an update) may leave fields empty: keep what was set
             found = {"group": rec.run.run_group, "job_type": rec.run.job_type, "name": rec.run.display_name}
             out.update({k: v for k, v in found.items() if v})

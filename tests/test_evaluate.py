@@ -140,6 +140,17 @@ def test_bench_end_to_end(setup, tmp_path):
     assert logged["bench/methods/nrows"] == 7 and logged["bench/batch_sizes/nrows"] == 2
     assert logged["bench/plot/_type"] == "image-file"
     assert wandb_run["summary"]["bench/best_beam_width"] == best["beam_width"]
+    # wandb's service writes the log after finish() returns: a partial log (torn mid-record) is waited
+    # for until its exit record arrives, and refused if it never does
+    import threading
+
+    (log,) = (run / "wandb").rglob("run-*.wandb")
+    whole, growing = log.read_bytes(), tmp_path / "growing.wandb"
+    growing.write_bytes(whole[:len(whole) // 2 + 3])
+    with pytest.raises(ValueError, match="no exit record"):
+        read_offline_run(growing, wait_s=0)
+    threading.Timer(0.3, growing.write_bytes, [whole]).start()
+    assert read_offline_run(growing, wait_s=10) == wandb_run
 
 
 def test_drafters_comparison_in_one_run(setup, tmp_path):
