@@ -277,7 +277,7 @@ def prefill(model, prompts: list[list[int]], max_cache_len: int, max_new_tokens:
     return DecodeState(cache, len_B, pick_next(logits_BTV[rows, last_B]), hidden_BTD[rows, last_B],
                        out_BN, torch.zeros(B, dtype=torch.long, device=device),
                        torch.full((B,), max_new_tokens == 0, device=device), max_new_tokens, eos_token_id,
-                       tokens_BT, len_B)
+                       tokens_BT, len_B.clone())  # its own tensor: a static step rewrites ctx_B in place
 
 
 def tree_inputs(model, state: DecodeState, tree: Tree):

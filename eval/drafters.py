@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -46,12 +47,22 @@ def parse_args(argv=None):
     ap.add_argument("--profile-prompts", type=int, default=4, help="prompts for the ideal-speedup profile; 0 = skip")
     ap.add_argument("--hybrid", default="", help="also measure each drafter's hybrid drafting (docs/design.md §3.3): "
                     "comma-separated modes, 'tree' (the lookup path added to the tree) and/or 'switchM' (the lookup path "
-                    "instead of the drafter's where a match of at least M tokens exists), e.g. tree,switch2")
+                    "instead of the drafter's where a match of at least M tokens exists) or 'switchMkK' (and K-token lookup paths, "
+                    "no drafter, in steps where every row has such a match), e.g. tree,switch2,switch2k10")
     ap.add_argument("--hybrid-ngram", type=int, default=3, help="the hybrid's longest prompt-lookup n-gram")
     ap.add_argument("--prompt-lookup", action="store_true", help="also measure transformers' prompt lookup")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/drafters.json"))
     return ap.parse_args(argv)
+
+
+def _hybrid_mode(mode: str) -> tuple[int, int]:
+    """(switch, lookup_length) of a --hybrid mode: tree = (0, 0), switchM = (M, 0), switchMkK = (M, K)."""
+    m = re.fullmatch(r"switch(\d+)(?:k(\d+))?", mode)
+    if mode != "tree" and not m:
+        raise SystemExit(f"error: --hybrid mode {mode!r}: use tree, switchM or switchMkK (M = the shortest match, "
+                         "K = the lookup path length where every row has one)")
+    return (0, 0) if mode == "tree" else (int(m[1]), int(m[2] or 0))
 
 
 def _base_hash(run_dir: Path) -> str:
@@ -90,11 +101,10 @@ def main(argv=None) -> dict:
     methods.update({name: (lambda b, dec=dec: dec.generate(b, n, eos)) for name, dec in decoders.items()})
     extra = {}  # hybrid modes and the prompt-lookup baseline, beside the drafters
     for mode in [m.strip() for m in args.hybrid.split(",") if m.strip()]:
-        if mode != "tree" and not (mode.startswith("switch") and mode[6:].isdigit()):
-            raise SystemExit(f"error: --hybrid mode {mode!r}: use tree or switchM (M = the shortest match)")
-        switch = int(mode[6:]) if mode != "tree" else 0
+        switch, length = _hybrid_mode(mode)
         for name, dr in drafters.items():
-            dec = SpeculativeDecoder(model, dr, beam_width=W, beam_length=L, ngram=args.hybrid_ngram, switch=switch)
+            dec = SpeculativeDecoder(model, dr, beam_width=W, beam_length=L, ngram=args.hybrid_ngram, switch=switch,
+                                     lookup_length=length)
             extra[f"{name}+{mode}"] = lambda b, dec=dec: dec.generate(b, n, eos)
     if args.prompt_lookup:
         from eval.baselines import prompt_lookup_generate

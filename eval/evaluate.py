@@ -136,7 +136,8 @@ def build_methods(model, drafter, eval_cfg: EvalConfig, eos: int | None, incumbe
     }
     if eval_cfg.hybrid_ngram:
         hybrid = SpeculativeDecoder(model, drafter, beam_width=W, beam_length=L, top_logits=eval_cfg.beam_top_logits,
-                                    ngram=eval_cfg.hybrid_ngram, switch=eval_cfg.hybrid_switch)
+                                    ngram=eval_cfg.hybrid_ngram, switch=eval_cfg.hybrid_switch,
+                                    lookup_length=eval_cfg.hybrid_lookup_length)
         methods["hybrid"] = lambda b: hybrid.generate(b, n, eos)
     if incumbent is not None:
         inc = greedy(incumbent)

@@ -31,6 +31,7 @@ import torch
 from eval.decoder import (DecodeState, GenerationResult, NextToken, PlainProposer, Proposer, argmax_token,
                           check_prompts, core_step, greedy_verifier, new_cache, prefill, stack_kv, truncate)
 from eval.metrics import DecodeStats
+from eval.ngram import LookupProposer
 
 # The decoding state a step reads and rewrites (its other fields are constant during a decode).
 STATE_FIELDS = ("ctx_B", "g0_B", "h_BD", "out_BN", "num_new_B", "done_B")
@@ -127,6 +128,9 @@ class GraphedDecoder:
         self.model, self.proposer, self.verifier = model, proposer, verifier
         self.num_paths, self.beam_length, self.max_cache_len, self.dedup = num_paths, beam_length, max_cache_len, dedup
         self.graphs = use_graphs(model, graphs)
+        if self.graphs and isinstance(proposer, LookupProposer):
+            raise ValueError("the hybrid's prompt lookup reads each call's prompts, whose shape a captured graph "
+                             "cannot follow: run the hybrid eagerly (SpeculativeDecoder) or with graphs=False")
         self.buckets: dict[tuple, StaticStep] = {}
 
     @classmethod

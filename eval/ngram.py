@@ -85,16 +85,30 @@ class LookupProposer(Proposer):
     trial there, and the committed tokens keep the law of plain sampling. A no-match row's placeholder
     (a copy of chain 0, NOT independent of it) is excluded from the trials (`candidate_BW`)."""
 
-    def __init__(self, inner: Proposer, max_ngram: int, switch: int = 0):
+    def __init__(self, inner: Proposer, max_ngram: int, switch: int = 0, length: int = 0):
         """switch = m > 0: no extra path; a row whose text ends in a match of at least m tokens verifies the
         lookup path INSTEAD of the drafter's paths (greedy only: docs/design.md §3.3). On a CPU, where a
-        forward over 4-5 tokens costs more than over 3, this keeps the tree at the drafter's size."""
+        forward over 4-5 tokens costs more than over 3, this keeps the tree at the drafter's size.
+
+        length = K > 0 (switch mode, eager steps): when EVERY unfinished row has a match of at least m tokens
+        whose K - 1 following tokens are known, the step verifies those K-token lookup paths alone and the
+        drafter does not run; otherwise the step is as above, lookup paths as long as the drafter's. Long
+        copied spans then go K tokens a step, as plain prompt lookup takes them. Deciding it reads one bool
+        on the host, so a static (captured) step keeps the drafter's length."""
         if switch and not 1 <= switch <= max_ngram:
             raise ValueError(f"switch={switch} must be in [1, max_ngram={max_ngram}]")
-        self.inner, self.max_ngram, self.switch = inner, max_ngram, switch
+        if length and (not switch or length < 2):
+            raise ValueError(f"a lookup path length ({length}) needs switch mode and at least 2 tokens (g0 + a draft)")
+        self.inner, self.max_ngram, self.switch, self.length = inner, max_ngram, switch, length
         self._used_B: torch.Tensor | None = None
 
     def propose(self, state: DecodeState) -> Proposal:
+        if self.switch and self.length and not state.static:
+            seq_BC, end_B = history(state)
+            long_BK, found_B = lookup_paths(seq_BC, end_B, self.length, max_ngram=self.max_ngram, min_ngram=self.switch)
+            if bool((found_B | state.done_B).all()):  # every row copies: no drafter this step
+                self._used_B = found_B
+                return Proposal(long_BK[:, None, :])
         inner = self.inner.propose(state)
         paths_BWL = inner.paths_BWL
         if self.switch:

@@ -17,7 +17,6 @@ from collections import defaultdict
 import torch
 
 from eval.decoder import STEP_PHASES, plain_greedy, prefill, run_step
-from eval.metrics import DecodeStats
 from eval.speculative import SpeculativeDecoder
 
 PHASES = STEP_PHASES
@@ -43,9 +42,9 @@ def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_t
     """Per-phase milliseconds per step (and share of the step) over greedy decoding of `prompts`,
     one prompt at a time, plus the plain greedy step time on the same prompts for reference."""
     clock = _Clock(dec.model.device)
-    stats = DecodeStats(dec.num_paths, dec.beam_length)
+    stats = dec.new_stats()
     steps = 0
-    slots = dec.num_paths * dec.beam_length + dec.beam_length
+    slots = dec.step_slots
     plain_seconds, plain_steps = 0.0, 0
 
     for prompt in prompts:

@@ -9,6 +9,8 @@ the one step skeleton (eval/decoder.py run_step).
 | 0, ngram=N  | hybrid                    | beams + a prompt-lookup path    | greedy                            |
 | 0, switch=m | hybrid, switch mode       | lookup path if an m-token match | greedy                            |
 |             |                           | exists, else the beams          |                                   |
+| 0, switch=m,| hybrid, long switch       | K-token lookup paths when every | greedy                            |
+| lookup_length=K |                       | row has a match, else as above  |                                   |
 | T, ngram=N  | hybrid sampling           | chains + a lookup point mass    | recursive rejection sampling      |
 | T > 0       | lossless sampling         | drafter chains (eval/sampling)  | recursive rejection sampling      |
 | T > 0, ref. | the reference rule        | beams with their log-probs      | the reference's (NOT lossless)    |
@@ -38,7 +40,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model, drafter, beam_width: int, beam_length: int, tree_attention: bool = True,
                  temperature: float = 0.0, reference_compatible: bool = False, top_logits: int = REFERENCE_TOP_LOGITS,
-                 ngram: int = 0, switch: int = 0):
+                 ngram: int = 0, switch: int = 0, lookup_length: int = 0):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
         if beam_width > model.config.vocab_size:
@@ -51,6 +53,8 @@ class SpeculativeDecoder:
             raise ValueError(f"ngram must be >= 0 (0 = drafter beams only), got {ngram}")
         if switch and (temperature > 0.0 or not 0 < switch <= ngram):
             raise ValueError(f"hybrid switch mode (switch={switch}) needs greedy decoding and 1 <= switch <= ngram={ngram}")
+        if lookup_length and (not switch or lookup_length < 2):
+            raise ValueError(f"lookup_length={lookup_length} needs switch mode and at least 2 tokens (0 = the beam length)")
         if ngram and temperature > 0.0 and reference_compatible:
             raise ValueError("hybrid drafting (ngram > 0) is greedy or lossless sampling: not with the reference rule")
         self.model, self.drafter = model, drafter
@@ -60,7 +64,18 @@ class SpeculativeDecoder:
         self.temperature, self.reference_compatible = temperature, reference_compatible
         self.top_logits = top_logits  # the beam search's logit processing (eval/beam.py reference_logits)
         self.ngram, self.switch = ngram, switch
+        self.lookup_length = lookup_length  # switch mode: K-token lookup paths when every row copies (eval/ngram.py)
         self.num_paths = beam_width + (1 if ngram and not switch else 0)
+        self.max_path_length = max(beam_length, lookup_length)  # a step commits at most this many tokens
+
+    @property
+    def step_slots(self) -> int:
+        """Cache slots a step may use beyond max_b ctx_b: W * L packed slots (or K, a long lookup path),
+        and a row may overshoot max_new_tokens by the longest path - 1."""
+        return max(self.num_paths * self.beam_length, self.lookup_length) + self.max_path_length
+
+    def new_stats(self) -> DecodeStats:
+        return DecodeStats(self.num_paths, self.max_path_length)
 
     def parts(self, generator: torch.Generator | None = None) -> tuple[Proposer, object]:
         """(proposer, verifier) of this decoder's step; `generator` drives every random draw at T > 0."""
@@ -68,7 +83,7 @@ class SpeculativeDecoder:
         if T == 0.0:  # greedy verification needs no drafter probabilities: the search skips keeping them
             proposer, verifier = self.head.proposer(self.drafter, W, L, top_logits=self.top_logits), greedy_verifier
             if self.ngram:
-                proposer = LookupProposer(proposer, self.ngram, self.switch)
+                proposer = LookupProposer(proposer, self.ngram, self.switch, self.lookup_length)
         elif self.reference_compatible:
             proposer = self.head.proposer(self.drafter, W, L, top_logits=self.top_logits, keep_log_probs=True)
             verifier = SamplingVerifier(accept_reference, T, generator)
@@ -86,7 +101,7 @@ class SpeculativeDecoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
                  generator: torch.Generator | None = None) -> GenerationResult:
         """`generator` drives every random draw when temperature > 0 (None: torch's global RNG)."""
-        stats = DecodeStats(self.num_paths, self.beam_length)
+        stats = self.new_stats()
         pick_next = argmax_token
         if self.temperature > 0.0:
             pick_next = functools.partial(sample_from_logits, temperature=self.temperature, generator=generator)
@@ -97,6 +112,5 @@ class SpeculativeDecoder:
         def step(state: DecodeState, stats: DecodeStats) -> None:
             run_step(self.model, proposer, verifier, state, stats, dedup=self.tree_attention)
 
-        # A step uses at most W * L packed slots; a row may overshoot max_new_tokens by L - 1.
-        return _decode(self.model, prompts, max_new_tokens, eos_token_id, step, stats,
-                       step_slots=self.num_paths * self.beam_length + self.beam_length, pick_next=pick_next)
+        return _decode(self.model, prompts, max_new_tokens, eos_token_id, step, stats, step_slots=self.step_slots,
+                       pick_next=pick_next)

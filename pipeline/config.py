@@ -106,7 +106,7 @@ LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
 # before: at that value they hash as absent (pipeline/lineage.hashed_settings), so old work is reused.
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
-    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto"},
+    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0},
     "drafter": {"head": "redrafter"},
 }
 
@@ -165,6 +165,9 @@ class EvalConfig:
     # m > 0: the hybrid's switch mode (greedy): where the text ends in a match of at least m tokens the lookup
     # path is verified INSTEAD of the drafter's paths, elsewhere the drafter's; the tree keeps the drafter's size
     hybrid_switch: int = 0
+    # K > 0 (switch mode): in a step where every row has such a match (with K - 1 known tokens after it), verify
+    # K-token lookup paths and skip the drafter, as prompt lookup copies long spans; 0 = the beam length
+    hybrid_lookup_length: int = 0
     temperature: float = 0.0  # 0 = greedy (token-for-token lossless check); > 0 = sampling
     reference_compatible: bool = False  # sampling with the reference acceptance rule (NOT lossless)
     # beam search over the drafter's top-N logits, the rest set to -5e4, as the reference and TensorRT-LLM
@@ -301,6 +304,9 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.eval.hybrid_switch and not (1 <= cfg.eval.hybrid_switch <= cfg.eval.hybrid_ngram and cfg.eval.temperature == 0):
         p.append(f"bad value for 'eval.hybrid_switch': {cfg.eval.hybrid_switch}; switch mode needs greedy decoding "
                  f"(eval.temperature=0) and 1 <= eval.hybrid_switch <= eval.hybrid_ngram={cfg.eval.hybrid_ngram}")
+    if cfg.eval.hybrid_lookup_length and (not cfg.eval.hybrid_switch or cfg.eval.hybrid_lookup_length < 2):
+        p.append(f"bad value for 'eval.hybrid_lookup_length': {cfg.eval.hybrid_lookup_length}; it is the switch mode's "
+                 "lookup path length (set eval.hybrid_switch) and at least 2, or 0 (the beam length)")
     if cfg.eval.static_step == "on" and cfg.eval.compile != "none":
         p.append(f"'eval.static_step'=on captures the whole step itself; it is not combined with "
                  f"eval.compile={cfg.eval.compile} (set one of them)")

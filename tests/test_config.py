@@ -55,6 +55,16 @@ def test_range_and_choice_problems():
     assert "choose one of cpu, cuda" in str(e.value)
 
 
+def test_hybrid_settings_are_checked_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny", "eval.hybrid_switch=4", "eval.hybrid_lookup_length=1"])
+    assert len(e.value.problems) == 2
+    assert "eval.hybrid_switch" in str(e.value) and "'eval.hybrid_lookup_length': 1" in str(e.value)
+    with pytest.raises(ConfigError, match="set eval.hybrid_switch"):
+        load_config(["recipe=tiny", "eval.hybrid_switch=0", "eval.hybrid_lookup_length=10"])
+    assert load_config(["recipe=tiny", "eval.hybrid_switch=2", "eval.hybrid_lookup_length=10"]).eval.hybrid_lookup_length == 10
+
+
 def test_unknown_recipe_lists_recipes():
     with pytest.raises(ConfigError, match="available recipes: .*tiny"):
         load_config(["recipe=nope"])
@@ -116,6 +126,6 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
             at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
             assert key not in at_old
             other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa",
-                     "static_step": "on"}[key]
+                     "static_step": "on", "hybrid_lookup_length": 10}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

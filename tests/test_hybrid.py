@@ -170,6 +170,39 @@ def test_switch_mode_is_lossless_and_keeps_the_tree_at_the_drafters_size(setup, 
     assert merged.tokens_per_step > merged_alone.tokens_per_step
 
 
+@pytest.mark.parametrize("beam_length,batch_size,length", [(3, 1, 6), (4, 3, 6)])
+def test_long_lookup_paths_copy_further_and_stay_lossless(setup, beam_length, batch_size, length):
+    """eval.hybrid_lookup_length = K: in steps where every row has a switch match, K-token lookup paths
+    alone (no drafter); a step then commits up to K tokens, more than the beams' L. Token for token
+    plain greedy's; a static (captured) step keeps the drafter's length."""
+    from eval.beam import BeamProposer
+    from eval.graphs import GraphedDecoder
+    from eval.ngram import LookupProposer
+
+    model, prompts, reference = setup
+    drafter = random_drafter(model)
+    long = SpeculativeDecoder(model, drafter, 1, beam_length, ngram=3, switch=2, lookup_length=length)
+    short = SpeculativeDecoder(model, drafter, 1, beam_length, ngram=3, switch=2)
+    out, stats, short_stats = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        result = long.generate(prompts[i:i + batch_size], MAX_NEW, None)
+        out += result.tokens
+        stats.append(result.stats)
+        short_stats.append(short.generate(prompts[i:i + batch_size], MAX_NEW, None).stats)
+    assert out == reference
+    merged, merged_short = DecodeStats.merge(stats), DecodeStats.merge(short_stats)
+    assert merged.beam_length == length and merged.num_forwards <= merged_short.num_forwards
+    # rows that copy in the same steps (here one prompt batch_size times): K-token paths, copies longer than
+    # the beams (a mixed batch seldom has every row copying at once)
+    same = long.generate([prompts[4]] * batch_size, MAX_NEW, None)
+    assert same.tokens == [reference[4]] * batch_size
+    assert length in same.stats.verified and max(same.stats.accepted) >= beam_length, same.stats.to_dict()
+    static = GraphedDecoder(model, LookupProposer(BeamProposer(drafter, 1, beam_length), 3, 2, length), 1, beam_length,
+                            max_cache_len=128)
+    result = static.generate(prompts[:4], MAX_NEW, None)  # its stats refuse a record of beam_length or more
+    assert result.tokens == reference[:4] and result.stats.tokens_per_step > 1.2, result.stats.to_dict()  # lookups taken
+
+
 def test_switch_mode_refuses_sampling_and_bad_sizes():
     model = tiny_llama("sdpa")
     drafter = random_drafter(model)
@@ -179,3 +212,7 @@ def test_switch_mode_refuses_sampling_and_bad_sizes():
         SpeculativeDecoder(model, drafter, 1, 3, switch=2)  # no ngram
     with pytest.raises(ValueError, match="switch mode"):
         SpeculativeDecoder(model, drafter, 1, 3, ngram=3, switch=4)
+    with pytest.raises(ValueError, match="needs switch mode"):
+        SpeculativeDecoder(model, drafter, 1, 3, ngram=3, lookup_length=8)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        SpeculativeDecoder(model, drafter, 1, 3, ngram=3, switch=2, lookup_length=1)
