@@ -37,7 +37,7 @@ class GenerationResult:
     tokens: list[list[int]]  # new tokens per prompt, cut after the first EOS and at max_new_tokens
     stats: DecodeStats
     seconds: float
-    decode_seconds: float = float("nan")  # the decode loop alone, after the prefill (eval/graphs.py)
+    decode_seconds: float = float("nan")  # the decode loop alone, after the prefill
 
 
 @dataclass
@@ -404,11 +404,15 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step,
     start = time.perf_counter()
     max_cache_len = max(len(p) for p in prompts) + max_new_tokens + step_slots
     state = prefill(model, prompts, max_cache_len, max_new_tokens, eos_token_id, pick_next)
-    while not bool(state.done_B.all()):
+    done = bool(state.done_B.all())  # reading it waits for the prefill
+    loop_start = time.perf_counter()
+    while not done:
         step(state, stats)
         stats.num_forwards += 1
+        done = bool(state.done_B.all())
+    loop_seconds = time.perf_counter() - loop_start
     tokens = [truncate(t, max_new_tokens, eos_token_id) for t in state.new_tokens]
-    return GenerationResult(tokens, stats, time.perf_counter() - start)
+    return GenerationResult(tokens, stats, time.perf_counter() - start, loop_seconds)
 
 
 def plain_step(model, state: DecodeState, stats: DecodeStats, pick_next: Callable = argmax_token) -> None:

@@ -55,7 +55,7 @@ def profile_decoder(dec: SpeculativeDecoder, prompts: list[list[int]], max_new_t
             run_step(dec.model, proposer, verifier, state, stats, dedup=dec.tree_attention, clock=clock)
             steps += 1
         plain = plain_greedy(dec.model, [prompt], max_new_tokens, eos_token_id)
-        plain_seconds += plain.seconds
+        plain_seconds += plain.decode_seconds  # its steps alone: the prefill is no step (the spec side's is lapped out)
         plain_steps += plain.stats.num_forwards
         clock.t = time.perf_counter()
     total = sum(clock.seconds[p] for p in PHASES)

@@ -131,6 +131,8 @@ def test_plain_greedy_equals_hf_generate(setup):
     assert plain_greedy(model, prompts, MAX_NEW, eos).tokens == reference  # batched, ragged
     result = plain_greedy(model, prompts[:3], MAX_NEW, eos)
     assert result.stats.tokens_per_step == 1.0 and result.stats.verified_tokens_per_step == 1.0
+    # the decode loop's time excludes the prefill (eval/profile.py's plain step is decode_seconds / steps)
+    assert 0 < result.decode_seconds < result.seconds
 
 
 def test_lossless_with_random_drafter_batch_1(setup):
