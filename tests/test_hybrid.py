@@ -96,23 +96,27 @@ def setup():
     return model, prompts, reference
 
 
+def in_batches(dec: SpeculativeDecoder, other: SpeculativeDecoder, prompts, batch_size: int):
+    """Both decoders over `prompts` in batches: (dec's tokens, other's tokens, dec's and other's merged stats)."""
+    out, other_out, stats, other_stats = [], [], [], []
+    for i in range(0, len(prompts), batch_size):
+        result, other_result = dec.generate(prompts[i:i + batch_size], MAX_NEW, None), \
+            other.generate(prompts[i:i + batch_size], MAX_NEW, None)
+        out += result.tokens
+        other_out += other_result.tokens
+        stats.append(result.stats)
+        other_stats.append(other_result.stats)
+    return out, other_out, DecodeStats.merge(stats), DecodeStats.merge(other_stats)
+
+
 @pytest.mark.parametrize("beam_width,beam_length,batch_size", [(1, 3, 1), (4, 4, 4), (2, 6, 3)])
 def test_hybrid_is_lossless_and_the_lookup_path_is_taken(setup, beam_width, beam_length, batch_size):
     model, prompts, reference = setup
     drafter = random_drafter(model)  # almost never right: what the hybrid accepts beyond it is the lookup's
     hybrid = SpeculativeDecoder(model, drafter, beam_width, beam_length, ngram=3)
     alone = SpeculativeDecoder(model, drafter, beam_width, beam_length)
-    out, stats, alone_stats = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        result = hybrid.generate(batch, MAX_NEW, None)
-        out += result.tokens
-        stats.append(result.stats)
-        alone_result = alone.generate(batch, MAX_NEW, None)
-        assert alone_result.tokens == reference[i:i + batch_size]
-        alone_stats.append(alone_result.stats)
-    assert out == reference
-    merged, merged_alone = DecodeStats.merge(stats), DecodeStats.merge(alone_stats)
+    out, alone_out, merged, merged_alone = in_batches(hybrid, alone, prompts, batch_size)
+    assert out == reference and alone_out == reference
     assert merged.beam_width == beam_width + 1  # the lookup path is one more path of the tree
     assert merged.lookup_wins > 0
     assert merged.num_forwards < merged_alone.num_forwards, (merged.to_dict(), merged_alone.to_dict())
@@ -157,14 +161,8 @@ def test_switch_mode_is_lossless_and_keeps_the_tree_at_the_drafters_size(setup, 
     drafter = random_drafter(model)
     dec = SpeculativeDecoder(model, drafter, beam_width, beam_length, ngram=3, switch=switch)
     alone = SpeculativeDecoder(model, drafter, beam_width, beam_length)
-    out, stats, alone_stats = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        result = dec.generate(prompts[i:i + batch_size], MAX_NEW, None)
-        out += result.tokens
-        stats.append(result.stats)
-        alone_stats.append(alone.generate(prompts[i:i + batch_size], MAX_NEW, None).stats)
+    out, _, merged, merged_alone = in_batches(dec, alone, prompts, batch_size)
     assert out == reference
-    merged, merged_alone = DecodeStats.merge(stats), DecodeStats.merge(alone_stats)
     assert merged.beam_width == beam_width  # no extra path: the tree keeps the drafter's size
     assert 0 < merged.lookup_wins < merged.num_steps * batch_size  # some rows switched, not all
     assert merged.tokens_per_step > merged_alone.tokens_per_step
@@ -183,14 +181,8 @@ def test_long_lookup_paths_copy_further_and_stay_lossless(setup, beam_length, ba
     drafter = random_drafter(model)
     long = SpeculativeDecoder(model, drafter, 1, beam_length, ngram=3, switch=2, lookup_length=length)
     short = SpeculativeDecoder(model, drafter, 1, beam_length, ngram=3, switch=2)
-    out, stats, short_stats = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        result = long.generate(prompts[i:i + batch_size], MAX_NEW, None)
-        out += result.tokens
-        stats.append(result.stats)
-        short_stats.append(short.generate(prompts[i:i + batch_size], MAX_NEW, None).stats)
+    out, _, merged, merged_short = in_batches(long, short, prompts, batch_size)
     assert out == reference
-    merged, merged_short = DecodeStats.merge(stats), DecodeStats.merge(short_stats)
     assert merged.beam_length == length and merged.num_forwards <= merged_short.num_forwards
     # rows that copy in the same steps (here one prompt batch_size times): K-token paths, copies longer than
     # the beams (a mixed batch seldom has every row copying at once)
