@@ -20,7 +20,7 @@ from eval.decoder import compile_base, first_divergence, only_numerical_ties, pl
 from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
 from pipeline.base_model import input_embeddings, load_base_model
-from pipeline.config import ADDED_LATER, DataConfig, EvalConfig, ModelConfig
+from pipeline.config import ADDED_LATER, TRAINING_FREE, DataConfig, EvalConfig, ModelConfig
 from pipeline.drafter import Drafter
 from pipeline.heads import read_arch
 from pipeline.lineage import hash_json, hashed_settings, sha256_file
@@ -259,11 +259,29 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "methods": {k: {kk: vv for kk, vv in v.items() if kk != "decode_stats"} for k, v in results.items()},
         "seconds": time.time() - t0,
     }
+    if "hybrid" in results:
+        record["hybrid_behind"] = hybrid_behind(record["methods"])
     if eval_cfg.temperature == 0 and eval_cfg.profile_prompts > 0:
         record.update(ideal_speedup(model, drafter, eval_cfg, prompts, tokenizer.eos_token_id, record))
     plot_record(record, out_dir / "eval.png")
     atomic.write_json(record_path, record)  # written last and whole: it marks the stage done
     return record
+
+
+def hybrid_behind(methods: dict) -> dict:
+    """Where the hybrid is NOT the fastest: {scope: {method: its speedup, "hybrid": the hybrid's}}, scope
+    "all" (the whole eval set) or a category, for the drafter alone and the training-free baselines that
+    beat it there. Empty: the hybrid was the fastest everywhere."""
+    rivals = [m for m in ("redrafter", *TRAINING_FREE) if m in methods]
+    scopes = {"all": {m: methods[m] for m in ["hybrid", *rivals]}}
+    for c in methods["hybrid"].get("by_category", {}):
+        scopes[c] = {m: methods[m]["by_category"][c] for m in ["hybrid", *rivals] if c in methods[m].get("by_category", {})}
+    behind = {}
+    for scope, ms in scopes.items():
+        ahead = {m: round(ms[m]["speedup"], 4) for m in rivals if m in ms and ms[m]["speedup"] > ms["hybrid"]["speedup"]}
+        if ahead:
+            behind[scope] = ahead | {"hybrid": round(ms["hybrid"]["speedup"], 4)}
+    return behind
 
 
 class MachineLoad:

@@ -566,6 +566,12 @@ def print_summary(summary: dict) -> None:
                 cells = [r["methods"][n].get("by_category", {}).get(c) for n in names]
                 print(f"    {c:<12}" + "".join(f"{x['tokens_per_step']:>6.2f} /{x['speedup']:>5.2f}x" if x else f"{'-':>15}"
                                            for x in cells))
+        if "hybrid_behind" in r:
+            behind = r["hybrid_behind"]
+            print("hybrid: the fastest method overall and in every category" if not behind else
+                  "hybrid: not the fastest in " + "; ".join(
+                      f"{scope} ({', '.join(f'{m} {x:.2f}x' for m, x in v.items() if m != 'hybrid')} vs "
+                      f"hybrid {v['hybrid']:.2f}x)" for scope, v in behind.items()))
         print(f"{'PROMOTED' if d['promoted'] else 'NOT promoted (kept as candidate)'}: {d['reason']}")
         print(f"drafter: {summary['export_dir']}")
     print(f"W&B run: {summary.get('wandb')}")

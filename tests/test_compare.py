@@ -60,7 +60,13 @@ def test_one_repeat_reports_no_interval(capsys):
               "methods": {"plain": {**method, "speedup": 1.0}, "redrafter": method}}
     print_summary({"record": record, "decision": {"promoted": False, "reason": "x"}, "export_dir": "e", "run_dir": "r"})
     out = capsys.readouterr().out
-    assert "1.10x ±n/a" in out and "±0.00" not in out
+    assert "1.10x ±n/a" in out and "±0.00" not in out and "hybrid" not in out
+    for behind, said in (({}, "hybrid: the fastest method overall and in every category"),
+                         ({"roleplay": {"redrafter": 1.14, "hybrid": 1.12}},
+                          "hybrid: not the fastest in roleplay (redrafter 1.14x vs hybrid 1.12x)")):
+        print_summary({"record": record | {"hybrid_behind": behind}, "decision": {"promoted": False, "reason": "x"},
+                       "export_dir": "e", "run_dir": "r"})
+        assert said in capsys.readouterr().out
 
 
 def test_paired_bootstrap_interval():

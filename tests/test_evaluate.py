@@ -64,10 +64,29 @@ def test_hybrid_is_measured_beside_the_drafter_and_off_keeps_old_records_valid(s
     hybrid = rec["methods"]["hybrid"]
     assert hybrid["lossless"] is True and hybrid["tokens_per_step"] >= 1.0 and set(hybrid["by_category"]) == {"a", "b"}
     assert rec["tokens_per_step"] == rec["methods"]["redrafter"]["tokens_per_step"]  # the gate judges the drafter
+    from eval.evaluate import hybrid_behind
+
+    assert rec["hybrid_behind"] == hybrid_behind(rec["methods"])  # where the hybrid is not the fastest, recorded
     # hybrid_ngram=0 (off) hashes as the records made before the setting existed did
     off = eval_inputs(model_cfg, data, EvalConfig(), root / "drafter")
     assert "hybrid_ngram" not in off["eval"]
     assert hash_json(off) != hash_json(eval_inputs(model_cfg, data, EvalConfig(hybrid_ngram=3), root / "drafter"))
+
+
+def test_hybrid_behind_names_the_scopes_where_another_method_is_faster():
+    from eval.evaluate import hybrid_behind
+
+    def m(speedup, **cats):
+        return {"speedup": speedup, "by_category": {c: {"speedup": x} for c, x in cats.items()}}
+
+    methods = {"plain": m(1.0, a=1.0, b=1.0), "redrafter": m(1.1, a=1.3, b=1.0), "hybrid": m(1.25, a=1.2, b=1.4),
+               "prompt_lookup": m(0.9, a=1.25, b=1.5), "lookahead": m(0.6, a=0.5, b=0.5)}
+    assert hybrid_behind(methods) == {"a": {"redrafter": 1.3, "prompt_lookup": 1.25, "hybrid": 1.2},
+                                      "b": {"prompt_lookup": 1.5, "hybrid": 1.4}}
+    methods["hybrid"] = m(1.3, a=1.4, b=1.6)
+    assert hybrid_behind(methods) == {}
+    methods["lookahead"] = m(1.35, a=0.5, b=0.5)
+    assert hybrid_behind(methods) == {"all": {"lookahead": 1.35, "hybrid": 1.3}}
 
 
 def test_sampling_records_and_gate(setup):
