@@ -337,7 +337,7 @@ def commit(state: DecodeState, acc: Acceptance, write_at: int) -> torch.Tensor:
     # Tokens: all L columns are written past each active row's count (columns past n are overwritten
     # by the next step or lie past the count); finished rows rewrite what they hold. A row stops once
     # it holds >= max_new_tokens, so it holds < max_new_tokens + L: a width of max_new_tokens + 2L fits.
-    if state.out_BN.shape[1] < state.max_new_tokens + 2 * L:  # shapes only (no sync); first step only
+    if state.out_BN.shape[1] < state.max_new_tokens + 2 * L:  # shapes only (no sync): the first step, or a longer path
         state.out_BN = torch.nn.functional.pad(state.out_BN, (0, state.max_new_tokens + 2 * L - state.out_BN.shape[1]))
     index_BL = state.num_new_B[:, None] + offsets_L
     kept_BL = torch.where(active_B[:, None], acc.tokens_BL, state.out_BN.gather(1, index_BL))
