@@ -103,8 +103,8 @@ class LookupProposer(Proposer):
         self._used_B: torch.Tensor | None = None
 
     def propose(self, state: DecodeState) -> Proposal:
+        seq_BC, end_B = history(state)
         if self.switch and self.length and not state.static:
-            seq_BC, end_B = history(state)
             long_BK, found_B = lookup_paths(seq_BC, end_B, self.length, max_ngram=self.max_ngram, min_ngram=self.switch)
             if bool((found_B | state.done_B).all()):  # every row copies: no drafter this step
                 self._used_B = found_B
@@ -114,11 +114,11 @@ class LookupProposer(Proposer):
         if self.switch:
             if inner.q_BWKV is not None:
                 raise ValueError("hybrid switch mode is greedy only")
-            lookup_BL, found_B = lookup_paths(*history(state), paths_BWL.shape[-1], max_ngram=self.max_ngram,
+            lookup_BL, found_B = lookup_paths(seq_BC, end_B, paths_BWL.shape[-1], max_ngram=self.max_ngram,
                                               min_ngram=self.switch)
             self._used_B = found_B
             return Proposal(torch.where(found_B[:, None, None], lookup_BL[:, None, :], paths_BWL))
-        lookup_BL, found_B = lookup_paths(*history(state), paths_BWL.shape[-1], max_ngram=self.max_ngram)
+        lookup_BL, found_B = lookup_paths(seq_BC, end_B, paths_BWL.shape[-1], max_ngram=self.max_ngram)
         lookup_BL = torch.where(found_B[:, None], lookup_BL, paths_BWL[:, 0])
         paths_BWL = torch.cat([paths_BWL, lookup_BL[:, None]], dim=1)
         if inner.q_BWKV is None:  # greedy: a placeholder copy is harmless (verification is exact)
