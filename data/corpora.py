@@ -17,6 +17,7 @@ candidate prompt is either kept or skipped for one counted reason (`Accounting`)
     non_text       a turn's value is not a string
     empty          the human turn is blank
     bad_roles      the context does not alternate user/assistant starting with the user
+    later_turn     beyond the source's max_turn (data.train.max_turn=1: first turns only)
 and, in data/prompts.py after tokenization: too_long, duplicate, and (teacher stage) overlaps_eval.
 kept + skipped == considered, always.
 
@@ -116,9 +117,10 @@ def iter_json_array(text: str, acc: Accounting, where: str) -> Iterator[object]:
         pos = ws.match(text, pos).end()
 
 
-def sharegpt_prompts(acc: Accounting, max_prompts: int = 0) -> Iterator[RawPrompt]:
+def sharegpt_prompts(acc: Accounting, max_prompts: int = 0, max_turn: int = 0) -> Iterator[RawPrompt]:
     """Prompts of ShareGPT in file order (see the module docstring); stops after max_prompts kept by
-    the caller (the caller counts `kept`, this generator counts what it skips itself)."""
+    the caller (the caller counts `kept`, this generator counts what it skips itself). max_turn > 0 asks
+    only the first max_turn user turns of each conversation; later ones are counted as `later_turn`."""
     path = sharegpt_file()
     text = path.read_text(encoding="utf-8", errors="replace")
     for record in iter_json_array(text, acc, str(path)):
@@ -150,7 +152,10 @@ def sharegpt_prompts(acc: Accounting, max_prompts: int = 0) -> Iterator[RawPromp
             if role != "user":
                 continue
             acc.considered += 1
-            if broken:
+            user_turns = sum(m["role"] == "user" for m in messages)
+            if max_turn and user_turns > max_turn:
+                acc.skip("later_turn")
+            elif broken:
                 acc.skip("malformed")
             elif not value.strip():
                 acc.skip("empty")

@@ -191,7 +191,7 @@ def _load_corpus(source, tokenizer, max_prompt_tokens: int, chat_template: str) 
                          + ("data.chat_template is never" if chat_template == "never" else
                             "the tokenizer has no chat template") + ": use a chat model with data.chat_template=auto")
     acc = Accounting()
-    raw = (sharegpt_prompts(acc, source.limit) if source.path == SHAREGPT
+    raw = (sharegpt_prompts(acc, source.limit, source.max_turn) if source.path == SHAREGPT
            else mtbench_prompts(acc, turn=2 if source.path == MTBENCH_TURN2 else 1))
     prompts, seen = [], set()
     for r in raw:

@@ -48,6 +48,10 @@ class PromptSource:
     field: str = "prompt"  # column holding the prompt text (or a chat `messages` list)
     category_field: str = ""  # optional column used to break eval metrics down by category
     limit: int = 0  # 0 = every prompt
+    # chat corpora (sharegpt): ask only the first N user turns of a conversation (0 = every turn). Later turns
+    # carry the whole conversation before them as context, which the teacher runs again for each turn: with
+    # max_turn=1 the same teacher time records far more reply tokens (README: the smollm2 recipe)
+    max_turn: int = 0
 
 
 @dataclass
@@ -371,6 +375,14 @@ def _value_problems(cfg: Config) -> list[str]:
         p.append(f"bad value for 'train.max_failures': {cfg.train.max_failures}; must be >= 0")
     if not 0 <= cfg.train.heldout_fraction < 1:
         p.append("bad value for 'train.heldout_fraction': must be in [0, 1)")
+    from data.corpora import SHAREGPT
+
+    for name, src in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if src.max_turn < 0:
+            p.append(f"bad value for 'data.{name}.max_turn': {src.max_turn}; must be >= 0 (0 = every turn)")
+        elif src.max_turn and any(part.strip() != SHAREGPT for part in src.path.split(",")):
+            p.append(f"'data.{name}.max_turn' applies to the sharegpt corpus (its multi-turn conversations); "
+                     f"data.{name}.path is {src.path!r}")
     if not cfg.data.train.path and "teacher" in cfg.run.stages:
         p.append("'data.train.path' is empty: the teacher stage needs training prompts")
     if not cfg.model.base_model:
