@@ -182,7 +182,7 @@ def eval_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConf
     """What an eval record is made from; a record with the same inputs is reused."""
     return {"drafter": sha256_file(drafter_dir / "drafter.safetensors"),
             "eval": hashed_settings(vars(eval_cfg), ADDED_LATER["eval"]),
-            "data": {"eval": vars(data_cfg.eval), "max_prompt_tokens": data_cfg.max_prompt_tokens},
+            "data": {"eval": hashed_settings(vars(data_cfg.eval), ADDED_LATER["data"]), "max_prompt_tokens": data_cfg.max_prompt_tokens},
             "model": vars(model_cfg),
             "incumbent": sha256_file(incumbent_dir / "model.safetensors") if incumbent_dir else None}
 

@@ -112,6 +112,7 @@ ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
     "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0},
     "drafter": {"head": "redrafter"},
+    "data": {"max_turn": 0},  # a prompt source (data.train, data.eval)
 }
 
 

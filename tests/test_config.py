@@ -65,6 +65,14 @@ def test_hybrid_settings_are_checked_together():
     assert load_config(["recipe=tiny", "eval.hybrid_switch=2", "eval.hybrid_lookup_length=10"]).eval.hybrid_lookup_length == 10
 
 
+def test_max_turn_is_checked():
+    with pytest.raises(ConfigError, match="'data.train.max_turn': -1"):
+        load_config(["recipe=smollm2", "data.train.max_turn=-1"])
+    with pytest.raises(ConfigError, match="'data.eval.max_turn' applies to the sharegpt corpus"):
+        load_config(["recipe=smollm2", "data.eval.max_turn=1"])
+    assert load_config(["recipe=smollm2", "data.train.max_turn=2"]).data.train.max_turn == 2
+
+
 def test_unknown_recipe_lists_recipes():
     with pytest.raises(ConfigError, match="available recipes: .*tiny"):
         load_config(["recipe=nope"])
@@ -115,17 +123,18 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
     value is hashed, so work made with it is never mistaken for the old."""
     import dataclasses
 
-    from pipeline.config import ADDED_LATER, DrafterConfig, EvalConfig, TeacherConfig
+    from pipeline.config import ADDED_LATER, DrafterConfig, EvalConfig, PromptSource, TeacherConfig
     from pipeline.lineage import hash_json, hashed_settings
 
-    assert set(ADDED_LATER) == {"teacher", "eval", "drafter"}
-    for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig), ("drafter", DrafterConfig)):
+    assert set(ADDED_LATER) == {"teacher", "eval", "drafter", "data"}
+    for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig), ("drafter", DrafterConfig),
+                         ("data", PromptSource)):
         defaults = dataclasses.asdict(cls())
         for key, old in ADDED_LATER[section].items():
             assert key in defaults, f"{section}.{key} is not a setting"
             at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
             assert key not in at_old
             other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa",
-                     "static_step": "on", "hybrid_lookup_length": 10}[key]
+                     "static_step": "on", "hybrid_lookup_length": 10, "max_turn": 1}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

@@ -86,6 +86,29 @@ def test_sharegpt_filters_count_every_skip(tmp_path, monkeypatch, chat_tokenizer
     assert "torn last record is not used" in a["notes"][0]
 
 
+def test_sharegpt_max_turn_asks_first_turns_only(tmp_path, monkeypatch, chat_tokenizer):
+    """max_turn=1: every prompt is a conversation's first user turn; later turns are counted, not kept."""
+    prompts, acc = load_prompt_set(PromptSource(path="sharegpt", limit=120, max_turn=1), chat_tokenizer, 400, "auto")
+    a = acc["sharegpt"]
+    assert len(prompts) == a["kept"] == 120 and a["considered"] == a["kept"] + sum(a["skipped"].values())
+    assert a["skipped"]["later_turn"] > 0
+    assert all(p.text.count("<|user|>") == 1 and p.id.endswith(":0") for p in prompts)
+    assert all(p.reply_ids for p in prompts)  # a first turn is followed by its reply
+    every, _ = load_prompt_set(PromptSource(path="sharegpt", limit=120), chat_tokenizer, 400, "auto")
+    assert {p.id for p in every if p.text.count("<|user|>") == 1} <= {p.id for p in prompts}
+
+    records = [{"id": "c", "conversations": [{"from": "human", "value": "one"}, {"from": "gpt", "value": "a"},
+                                             {"from": "human", "value": "two"}, {"from": "gpt", "value": "b"},
+                                             {"from": "human", "value": "three"}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+    monkeypatch.setattr(corpora, "sharegpt_file", lambda: path)
+    for max_turn, ids in ((1, ["c:0"]), (2, ["c:0", "c:2"]), (0, ["c:0", "c:2", "c:4"])):
+        got, acc = load_prompt_set(PromptSource(path="sharegpt", max_turn=max_turn), chat_tokenizer, 512, "auto")
+        assert [p.id for p in got] == ids
+        assert acc["sharegpt"]["skipped"] == ({"later_turn": 3 - len(ids)} if len(ids) < 3 else {})
+
+
 def test_sharegpt_replies_are_what_the_template_renders_after_the_prompt(chat_tokenizer):
     prompts, _ = load_prompt_set(PromptSource(path="sharegpt", limit=60), chat_tokenizer, 400, "auto")
     records = {r["id"]: r for r in corpora.iter_json_array(corpora.sharegpt_file().read_text()[:3_000_000],
