@@ -118,6 +118,19 @@ def _tokens_per_s(run: MethodRun, batch_ids: list[int], batches: list[list[int]]
     return tokens / sum(run.seconds[b] for b in batch_ids)
 
 
+def step_timing(runs: list[MethodRun]) -> dict | None:
+    """Milliseconds per batched forward of the decode loop over every repeat of a method: the whole step
+    (`step_ms`) and its base forward alone (`forward_ms`); None where the forwards were not timed (CUDA,
+    or a method outside the step skeleton: eval/decoder.py ForwardTimer)."""
+    stats = [s for r in runs for s in r.stats]
+    forwards = sum(s.num_forwards for s in stats)
+    forward_seconds = sum(s.forward_seconds for s in stats)
+    if not forwards or forward_seconds <= 0:
+        return None
+    return {"step_ms": 1e3 * sum(s.decode_seconds for s in stats) / forwards,
+            "forward_ms": 1e3 * forward_seconds / forwards, "forwards": forwards}
+
+
 def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, repeats: int,
             reference: str = "plain", progress: bool = True, warmup: bool = True,
             explain: Callable[[list[int], list[int], list[int]], dict | None] | None = None) -> dict:
@@ -165,6 +178,7 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
         return [sum(len(run.tokens[i]) for i in batch) for batch in batches]
 
     out = {}
+    timing = {name: step_timing(runs[name]) for name in names}
     for name in names:
         tps = [_tokens_per_s(r, every, batches) for r in runs[name]]
         speedups = [a / _tokens_per_s(b, every, batches) for a, b in zip(tps, runs[reference])]
@@ -185,6 +199,14 @@ def compare(methods: dict[str, Method], prompts: list[Prompt], batch_size: int, 
             **({"divergences": divergences} if divergences else {}),
             **_summary(merged), "decode_stats": merged.to_dict(),
         }
+        if timing[name] and timing[reference] and name != reference:
+            out[name]["step_timing"] = timing[name]
+            # the ideal of THIS run: its tau, its plain step, its verify forward (docs/design.md §5)
+            out[name]["ideal_speedup"] = (merged.tokens_per_step * timing[reference]["step_ms"]
+                                          / timing[name]["forward_ms"])
+            out[name]["decoder_efficiency"] = speedup / out[name]["ideal_speedup"]
+        elif timing[name]:
+            out[name]["step_timing"] = timing[name]
         if by_cat:
             out[name]["by_category"] = {
                 c: {"tokens_per_step": DecodeStats.merge([first.stats[b] for b in bs]).tokens_per_step,

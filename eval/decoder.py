@@ -411,19 +411,23 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id: int | None, step,
         stats.num_forwards += 1
         done = bool(state.done_B.all())
     loop_seconds = time.perf_counter() - loop_start
+    stats.decode_seconds += loop_seconds
     tokens = [truncate(t, max_new_tokens, eos_token_id) for t in state.new_tokens]
     return GenerationResult(tokens, stats, time.perf_counter() - start, loop_seconds)
 
 
-def plain_step(model, state: DecodeState, stats: DecodeStats, pick_next: Callable = argmax_token) -> None:
+def plain_step(model, state: DecodeState, stats: DecodeStats, pick_next: Callable = argmax_token,
+               clock=None) -> None:
     """One token per row per forward: g0 goes in, the next g0 (`pick_next` of its logits) comes out."""
-    run_step(model, PlainProposer(), NextToken(pick_next), state, stats)
+    run_step(model, PlainProposer(), NextToken(pick_next), state, stats, clock=clock or NO_CLOCK)
 
 
 def plain_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
     """Batched plain greedy decoding (the speedup baseline): one token per row per forward."""
+    stats = DecodeStats(1, 1)
+    clock = forward_timer(model, stats)
     return _decode(model, prompts, max_new_tokens, eos_token_id,
-                   lambda state, stats: plain_step(model, state, stats), DecodeStats(1, 1), step_slots=2)
+                   lambda state, stats: plain_step(model, state, stats, clock=clock), stats, step_slots=2)
 
 
 # ---- the one step skeleton (docs/design.md §3.1) ---------------------------------------------
@@ -491,6 +495,26 @@ class _NoClock:
 
 
 NO_CLOCK = _NoClock()
+
+
+class ForwardTimer:
+    """A step clock that adds the base forward's host time to `stats.forward_seconds`, so the timed run
+    itself prices the verify forward for the ideal speedup (docs/design.md §5): two clock reads a step,
+    nothing else. CPU only: on CUDA the forward's time needs a sync, which would slow the step it times."""
+
+    def __init__(self, stats: DecodeStats):
+        self.stats, self.t = stats, 0.0
+
+    def lap(self, phase: str) -> None:
+        if phase == "packing":  # the forward starts now
+            self.t = time.perf_counter()
+        elif phase == "base_forward":
+            self.stats.forward_seconds += time.perf_counter() - self.t
+
+
+def forward_timer(model, stats: DecodeStats):
+    """A `ForwardTimer` on `stats` where the model runs on the CPU, else no clock (see ForwardTimer)."""
+    return ForwardTimer(stats) if model.device.type == "cpu" else NO_CLOCK
 STEP_PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
 
 

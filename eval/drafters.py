@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
 
     report = {"beam_width": W, "beam_length": L, "num_prompts": len(prompts), "max_new_tokens": n,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "prompt_ids": [p.id for p in prompts],
-              "plain_tokens_per_s": results["plain"]["tokens_per_s"], "drafters": {}}
+              "plain_tokens_per_s": results["plain"]["tokens_per_s"],
+              "plain_step_timing": results["plain"].get("step_timing"), "drafters": {}}
     for d in runs:
         name = d.name
         metrics = json.loads((RunLayout(d).drafter / "train_metrics.json").read_text())
@@ -137,10 +138,16 @@ def main(argv=None) -> dict:
         }
         if args.profile_prompts:
             prof = profile_decoder(decoders[name], [p.input_ids for p in prompts[:args.profile_prompts]], n, eos)
-            entry["ideal_speedup"] = ideal_at(r["tokens_per_step"], prof)  # as the eval stage computes it
-            entry["decoder_efficiency"] = r["speedup"] / entry["ideal_speedup"]
+            entry["profile_ideal_speedup"] = ideal_at(r["tokens_per_step"], prof)
             entry["profile_ms_per_step"] = prof["ms_per_step"]
             entry["profile_plain_step_ms"] = prof["plain_step_ms"]
+        # as the eval stage: the timed run's own step times where it was timed (CPU), else the profile's
+        if "ideal_speedup" in r:
+            entry["ideal_speedup"], entry["step_timing"] = r["ideal_speedup"], r["step_timing"]
+        elif args.profile_prompts:
+            entry["ideal_speedup"] = entry["profile_ideal_speedup"]
+        if "ideal_speedup" in entry:
+            entry["decoder_efficiency"] = r["speedup"] / entry["ideal_speedup"]
         report["drafters"][name] = entry
 
     print(f"\nplain greedy: {report['plain_tokens_per_s']:.1f} tokens/s")
@@ -155,12 +162,14 @@ def main(argv=None) -> dict:
               f"{e['speedup']:>9.2f}x {ci_text(e['speedup_ci95'], 6)}{ideal:>7}  {e['lossless']}")
     if extra:
         report["methods"] = {k: {m: results[k].get(m) for m in ("tokens_per_step", "tokens_per_s", "speedup", "speedup_ci95",
-                                                                "speedup_per_repeat", "lossless", "by_category")}
+                                                                "speedup_per_repeat", "lossless", "by_category",
+                                                                "ideal_speedup", "decoder_efficiency")}
                              for k in [*drafters, *extra]}
-        print(f"\n{'method':<30}{'tau':>6}{'tok/s':>7}{'speedup':>16}  lossless")
+        print(f"\n{'method':<30}{'tau':>6}{'tok/s':>7}{'speedup':>16}{'ideal':>7}  lossless")
         for k, e in report["methods"].items():
+            ideal = f"{e['ideal_speedup']:.2f}x" if e["ideal_speedup"] else "-"
             print(f"{k:<30}{e['tokens_per_step']:>6.2f}{e['tokens_per_s']:>7.1f}{e['speedup']:>9.2f}x "
-                  f"{ci_text(e['speedup_ci95'], 6)}  {e['lossless']}")
+                  f"{ci_text(e['speedup_ci95'], 6)}{ideal:>7}  {e['lossless']}")
         cats = sorted({c for e in report["methods"].values() for c in (e["by_category"] or {})})
         if cats:
             print(f"\nper category (tau / speedup vs plain)\n{'category':<14}"

@@ -22,6 +22,10 @@ class DecodeStats:
     verified: list[int] = field(default_factory=list)  # packed (verified) tokens per record
     num_forwards: int = 0  # batched base-model forwards in the decode loop (prefill not counted)
     lookup_wins: int = 0  # hybrid drafting: records whose prompt-lookup path beat every drafter beam
+    # host-clock seconds of the decode loop and of its base forwards alone (eval/decoder.py ForwardTimer,
+    # on CPU only); the ideal speedup of the timed run comes from these (docs/design.md §5). 0: not timed
+    decode_seconds: float = 0.0
+    forward_seconds: float = 0.0
 
     def record(self, accepted: Iterable[int], verified: Iterable[int]) -> None:
         accepted, verified = list(accepted), list(verified)
@@ -74,6 +78,8 @@ class DecodeStats:
             merged.record(s.accepted, s.verified)
             merged.num_forwards += s.num_forwards
             merged.lookup_wins += s.lookup_wins
+            merged.decode_seconds += s.decode_seconds
+            merged.forward_seconds += s.forward_seconds
         return merged
 
     def to_dict(self) -> dict:
@@ -86,6 +92,8 @@ class DecodeStats:
             "num_steps": self.num_steps,
             "num_forwards": self.num_forwards,
             "lookup_wins": self.lookup_wins,
+            "decode_seconds": self.decode_seconds,
+            "forward_seconds": self.forward_seconds,
             "tokens_per_step": clean(self.tokens_per_step),
             "acceptance_per_position": [clean(a) for a in self.acceptance_per_position],
             "tokens_per_step_histogram": {str(k): n for k, n in self.tokens_per_step_histogram.items()},

@@ -24,8 +24,8 @@ import warnings
 import torch
 
 from eval.beam import REFERENCE_TOP_LOGITS
-from eval.decoder import (NO_CLOCK, DecodeState, GenerationResult, Proposer, _decode, argmax_token, greedy_verifier,
-                          run_step)
+from eval.decoder import (NO_CLOCK, DecodeState, GenerationResult, Proposer, _decode, argmax_token, forward_timer,
+                          greedy_verifier, run_step)
 from eval.metrics import DecodeStats
 from eval.ngram import LookupProposer
 from eval.sampling import SamplingVerifier, accept_reference, accept_tree, sample_from_logits
@@ -108,9 +108,10 @@ class SpeculativeDecoder:
         elif generator is not None:
             warnings.warn("generator is ignored at temperature 0 (greedy decoding draws nothing)")
         proposer, verifier = self.parts(generator)
+        clock = forward_timer(self.model, stats)
 
         def step(state: DecodeState, stats: DecodeStats) -> None:
-            run_step(self.model, proposer, verifier, state, stats, dedup=self.tree_attention)
+            run_step(self.model, proposer, verifier, state, stats, dedup=self.tree_attention, clock=clock)
 
         return _decode(self.model, prompts, max_new_tokens, eos_token_id, step, stats, step_slots=self.step_slots,
                        pick_next=pick_next)

@@ -67,6 +67,15 @@ def test_one_repeat_reports_no_interval(capsys):
         print_summary({"record": record | {"hybrid_behind": behind}, "decision": {"promoted": False, "reason": "x"},
                        "export_dir": "e", "run_dir": "r"})
         assert said in capsys.readouterr().out
+    profile = {"plain_step_ms": 50.0, "ms_per_step": {"base_forward": 60.0}, "profiled_prompts": 4,
+               "cost_ratio": {"ratio": 0.016}}
+    timed = {"source": "timed run", "prompts": 27, "plain_step_ms": 48.0, "verify_forward_ms": 58.0}
+    for extra, said in (({"ideal_timing": timed}, "plain step 48.0 ms / verify forward 58.0 ms, from the timed run "
+                                                  "over 27 prompts); decoder efficiency 0.90"),
+                        ({}, "plain step 50.0 ms / verify forward 60.0 ms, from the profile over 4 prompts")):
+        print_summary({"record": record | {"ideal_speedup": 1.22, "decoder_efficiency": 0.9, "step_profile": profile}
+                       | extra, "decision": {"promoted": False, "reason": "x"}, "export_dir": "e", "run_dir": "r"})
+        assert said in capsys.readouterr().out
 
 
 def test_paired_bootstrap_interval():

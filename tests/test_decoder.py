@@ -133,6 +133,36 @@ def test_plain_greedy_equals_hf_generate(setup):
     assert result.stats.tokens_per_step == 1.0 and result.stats.verified_tokens_per_step == 1.0
     # the decode loop's time excludes the prefill (eval/profile.py's plain step is decode_seconds / steps)
     assert 0 < result.decode_seconds < result.seconds
+    # on CPU the loop's base forwards are timed too (the timed run's ideal speedup: eval/compare.py)
+    assert result.stats.decode_seconds == result.decode_seconds
+    assert 0 < result.stats.forward_seconds < result.stats.decode_seconds
+
+
+def test_timed_run_prices_its_own_verify_forward(setup):
+    """compare() gives each timed method the ideal of its own run: tau x plain step / its verify forward."""
+    from types import SimpleNamespace
+
+    from data.prompts import Prompt
+    from eval.compare import compare
+    from eval.decoder import NO_CLOCK, ForwardTimer, forward_timer
+
+    model, prompts, eos, reference, _ = setup
+    stats = DecodeStats(1, 1)
+    assert isinstance(forward_timer(model, stats), ForwardTimer)
+    assert forward_timer(SimpleNamespace(device=torch.device("cuda")), stats) is NO_CLOCK  # would need a sync
+    decoder = SpeculativeDecoder(model, random_drafter(model), beam_width=2, beam_length=3)
+    spec = decoder.generate(prompts[:2], MAX_NEW, eos)
+    assert 0 < spec.stats.forward_seconds < spec.stats.decode_seconds == spec.decode_seconds
+    items = [Prompt(id=str(i), text="", input_ids=p) for i, p in enumerate(prompts[:3])]
+    out = compare({"plain": lambda b: plain_greedy(model, b, MAX_NEW, eos),
+                   "spec": lambda b: decoder.generate(b, MAX_NEW, eos)}, items, 1, 2, progress=False)
+    t, plain = out["spec"]["step_timing"], out["plain"]["step_timing"]
+    assert t["forwards"] == 2 * out["spec"]["decode_stats"]["num_forwards"]  # both repeats are timed
+    assert 0 < t["forward_ms"] < t["step_ms"] and 0 < plain["forward_ms"] < plain["step_ms"]
+    assert out["spec"]["ideal_speedup"] == pytest.approx(out["spec"]["tokens_per_step"] * plain["step_ms"]
+                                                         / t["forward_ms"])
+    assert out["spec"]["decoder_efficiency"] == pytest.approx(out["spec"]["speedup"] / out["spec"]["ideal_speedup"])
+    assert "ideal_speedup" not in out["plain"]
 
 
 def test_lossless_with_random_drafter_batch_1(setup):
