@@ -6,6 +6,7 @@ same process, interleaved repeats. Writes eval_record.json and eval.png into the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -224,6 +225,10 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     prompts = load_prompts(data_cfg.eval, tokenizer, data_cfg.max_prompt_tokens, data_cfg.chat_template)
     prompts = select_prompts(prompts, eval_cfg.num_prompts, eval_cfg.seed)  # stratified by category
     prompts = with_model_answers(prompts, model, tokenizer, eval_cfg.max_new_tokens, data_cfg.max_prompt_tokens)
+    beam_shape = None
+    if eval_cfg.beam_length == 0:
+        beam_shape = auto_beam_length(model, drafter_dir, eval_cfg, prompts)
+        eval_cfg = dataclasses.replace(eval_cfg, beam_length=beam_shape["beam_length"])
     methods = build_methods(model, drafter, eval_cfg, tokenizer.eos_token_id, incumbent)
     t0 = time.time()
     explain = functools.partial(first_divergence, model) if eval_cfg.temperature == 0 else None
@@ -241,6 +246,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         # turn-2 prompts as evaluated, with the base model's own turn-1 answers (reproducible: plain greedy)
         "conversations": {p.id: p.history for p in prompts if p.history},
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
+        **({"beam_shape": beam_shape} if beam_shape else {}),
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
         # greedy plain and ReDrafter through the static step; on CUDA it is one CUDA graph per bucket
         "static_step": uses_static_step(eval_cfg),
@@ -325,6 +331,32 @@ class MachineLoad:
                           "timing: its speedups are not comparable with a quiet machine's; rerun with nothing else "
                           "running")
         return {"other_cpu_fraction": round(other, 4), "cpus": cpus, "seconds": round(wall, 1)}
+
+
+def auto_beam_length(model, drafter_dir: Path, eval_cfg: EvalConfig, prompts: list) -> dict:
+    """eval.beam_length=0: the greedy beam length (W = 1) with the best ideal speedup on this device, from the
+    drafter's held-out acceptance per draft position (train_metrics.json: top-1 agreement with the teacher
+    after teacher-forced drafts, i.e. P(draft i accepted | drafts < i accepted)) and the verify forward's
+    cost per query count, timed here at the eval prompts' median length (eval/forward_cost.py)."""
+    import statistics
+
+    from eval.forward_cost import choose_beam_length, expected_tau, forward_costs
+
+    path = drafter_dir / "train_metrics.json"
+    final = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
+    horizon = json.loads((drafter_dir / "arch.json").read_text())["horizon"]
+    acceptance = [final.get(f"heldout/top1_{i}") for i in range(1, horizon)]
+    if not acceptance or any(a is None for a in acceptance):
+        raise ValueError(f"eval.beam_length=0 (auto) needs the drafter's held-out top-1 per draft position in {path}; "
+                         "set eval.beam_length to a number")
+    context = int(statistics.median(len(p.input_ids) for p in prompts)) + eval_cfg.max_new_tokens // 2
+    costs, _ = forward_costs(model, list(range(1, horizon + 1)), context, repeats=7)
+    median_ms = {q: c["median"] for q, c in costs.items()}
+    L, ideal = choose_beam_length(acceptance, median_ms)
+    print(f"eval: beam length {L} (auto): verify forward ms by query tokens {', '.join(f'{q}: {m:.1f}' for q, m in median_ms.items())}; "
+          f"ideal by length {', '.join(f'{k}: {v:.2f}x' for k, v in ideal.items())}", flush=True)
+    return {"beam_length": L, "auto": True, "forward_ms": median_ms, "context": context, "heldout_acceptance": acceptance,
+            "expected_tau": {k: expected_tau(acceptance, k) for k in ideal}, "ideal_by_length": ideal}
 
 
 def ideal_speedup(model, drafter, eval_cfg: EvalConfig, prompts: list, eos: int | None, record: dict) -> dict:

@@ -40,50 +40,85 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
+def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, callable]:
+    """{q: {median, min, max} milliseconds} of the decoder's verify forward over q query tokens after a
+    `context`-token committed context (random tokens: the cost does not depend on them), each after one
+    warm-up; and `forward(q)`, a closure that runs one such forward (for --profile)."""
+    ctx, max_q = context, max(queries)
+    cache_len = ctx + max_q
+    cache = new_cache(model, 1, cache_len)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (1, ctx), generator=gen).to(model.device)
+    causal = torch.ones(ctx, ctx, dtype=torch.bool).tril()[None].to(model.device)
+    positions = torch.arange(ctx)[None].to(model.device)
+    base_forward(model, cache, prefix, positions,
+                 attention_masks(model, torch.zeros(1, dtype=torch.long, device=model.device), causal, positions, 0,
+                                 cache_len), 0)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    def forward(q: int):  # writes at [ctx, ctx + q): the committed context is never overwritten
+        tokens = torch.randint(0, vocab, (1, q), generator=gen).to(model.device)
+        positions = ctx + torch.arange(q, device=model.device)[None]
+        bias = attention_masks(model, torch.tensor([ctx], device=model.device),
+                               torch.ones(1, q, q, dtype=torch.bool, device=model.device).tril(), positions, ctx,
+                               cache_len)
+        return lambda: base_forward(model, cache, tokens, positions, bias, ctx)
+
+    ms = {}
+    for q in queries:
+        run = forward(q)
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            times.append(1e3 * (time.perf_counter() - t))
+        ms[q] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return ms, forward
+
+
+def expected_tau(acceptance: list[float], length: int) -> float:
+    """tau of one greedy beam of `length` tokens (g0 + length - 1 drafts) whose draft i is accepted with
+    probability acceptance[i - 1] once drafts < i were: 1 + sum_k prod_{i <= k} a_i (docs/design.md §5)."""
+    tau, reach = 1.0, 1.0
+    for a in acceptance[:length - 1]:
+        reach *= a
+        tau += reach
+    return tau
+
+
+def choose_beam_length(acceptance: list[float], costs_ms: dict[int, float]) -> tuple[int, dict]:
+    """The beam length L (W = 1) with the best ideal speedup tau(L) x t(1 token) / t(L tokens) on THIS
+    device: a CPU's small-matrix kernels make some query counts far dearer than others (docs/design.md
+    §3.7), so the cheapest L to verify need not be the shortest. Returns L and {L: ideal} for every
+    candidate (2 .. min(len(acceptance) + 1, the largest timed q))."""
+    one = costs_ms[1]
+    ideal = {L: expected_tau(acceptance, L) * one / costs_ms[L]
+             for L in range(2, len(acceptance) + 2) if L in costs_ms}
+    if not ideal:
+        raise ValueError(f"no beam length to choose: acceptance for {len(acceptance)} drafts, timed {sorted(costs_ms)}")
+    return max(ideal, key=ideal.get), ideal
+
+
+@torch.inference_mode()
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_base_model(ModelConfig(base_model=args.model, dtype=args.dtype))
-    ctx, max_q = args.context, max(args.queries)
-    cache_len = ctx + max_q
-    cache = new_cache(model, 1, cache_len)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prefix = torch.randint(0, vocab, (1, ctx), generator=gen)
-    causal = torch.ones(ctx, ctx, dtype=torch.bool).tril()[None]
-    positions = torch.arange(ctx)[None]
-    base_forward(model, cache, prefix, positions,
-                 attention_masks(model, torch.zeros(1, dtype=torch.long), causal, positions, 0, cache_len), 0)
-
-    def inputs(q: int):
-        tokens = torch.randint(0, vocab, (1, q), generator=gen)
-        positions = ctx + torch.arange(q)[None]
-        bias = attention_masks(model, torch.tensor([ctx]), torch.ones(1, q, q, dtype=torch.bool).tril(), positions, ctx,
-                               cache_len)
-        return tokens, positions, bias
-
-    def forward(q: int):  # writes at [ctx, ctx + q): the committed context is never overwritten
-        tokens, positions, bias = inputs(q)
-        return lambda: base_forward(model, cache, tokens, positions, bias, ctx)
-
-    report = {"model": args.model, "context": ctx, "threads": torch.get_num_threads(), "dtype": args.dtype, "ms": {}}
-    print(f"{args.model}: verify forward over q tokens after {ctx} cached, {torch.get_num_threads()} threads, "
+    ms, forward = forward_costs(model, args.queries, args.context, args.repeats)
+    report = {"model": args.model, "context": args.context, "threads": torch.get_num_threads(), "dtype": args.dtype,
+              "ms": ms}
+    print(f"{args.model}: verify forward over q tokens after {args.context} cached, {torch.get_num_threads()} threads, "
           f"{args.dtype}, median of {args.repeats}")
-    for q in args.queries:
-        run = forward(q)
-        run()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            run()
-            times.append(1e3 * (time.perf_counter() - t))
-        report["ms"][q] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
     one = report["ms"][args.queries[0]]["median"]
     for q, m in report["ms"].items():
         print(f"  q={q:<3} {m['median']:7.1f} ms  [{m['min']:.1f}-{m['max']:.1f}]  x{m['median'] / one:.2f}")
     if args.profile:
-        report["profile"] = {q: _breakdown(forward(q), model, q) for q in (args.queries[0], max_q)}
+        report["profile"] = {q: _breakdown(forward(q), model, q) for q in (args.queries[0], max(args.queries))}
         for q, b in report["profile"].items():
             print(f"  q={q}: matmuls {b['mm_ms']:.1f} ms, of which lm_head {b['lm_head_ms']:.1f} ms; "
                   f"attention {b['attention_ms']:.1f} ms; everything else {b['other_ms']:.1f} ms (per forward)")

@@ -154,7 +154,10 @@ TRAINING_FREE = ("prompt_lookup", "lookahead")  # the training-free baselines' m
 @dataclass
 class EvalConfig:
     beam_width: int = 8
-    beam_length: int = 5  # includes g0, like the reference
+    # includes g0, like the reference. 0 = auto (greedy, W = 1): the length with the best ideal speedup on the
+    # device the eval runs on, from a forward-cost curve timed there and the drafter's held-out acceptance
+    # (eval/forward_cost.py choose_beam_length; docs/design.md §3.7)
+    beam_length: int = 5
     max_new_tokens: int = 128
     num_prompts: int = 32  # 0 = all eval prompts
     batch_size: int = 1
@@ -349,8 +352,13 @@ def _value_problems(cfg: Config) -> list[str]:
         p.append(f"bad value for 'drafter.head': {cfg.drafter.head!r}; head types are {', '.join(HEAD_TYPES)}")
     if cfg.drafter.horizon < 2:
         p.append(f"bad value for 'drafter.horizon': {cfg.drafter.horizon}; must be >= 2 (g0 + at least one draft)")
-    if cfg.eval.beam_length < 2:
-        p.append(f"bad value for 'eval.beam_length': {cfg.eval.beam_length}; must be >= 2 (g0 + at least one draft)")
+    if cfg.eval.beam_length == 0:
+        if cfg.eval.beam_width != 1 or cfg.eval.temperature > 0:
+            p.append("'eval.beam_length'=0 (auto) chooses the length of one greedy beam: it needs eval.beam_width=1 "
+                     "and eval.temperature=0")
+    elif cfg.eval.beam_length < 2:
+        p.append(f"bad value for 'eval.beam_length': {cfg.eval.beam_length}; must be >= 2 (g0 + at least one draft) "
+                 "or 0 (auto)")
     if cfg.eval.beam_top_logits < 0:
         p.append(f"bad value for 'eval.beam_top_logits': {cfg.eval.beam_top_logits}; must be >= 0 (0 = all logits)")
     if 0 < cfg.eval.beam_top_logits < cfg.eval.beam_width:

@@ -305,8 +305,8 @@ def preflight(cfg: Config) -> tuple:
         prompts, _ = load_prompt_set(cfg.data.eval, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
         prompts = select_prompts(prompts, cfg.eval.num_prompts, cfg.eval.seed)  # the ones the eval will run
         max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-        need = max(len(p.input_ids) for p in prompts) + cfg.eval.max_new_tokens + \
-            cfg.eval.beam_width * cfg.eval.beam_length + cfg.eval.beam_length
+        L = cfg.eval.beam_length or cfg.drafter.horizon  # auto chooses at most the drafter's horizon
+        need = max(len(p.input_ids) for p in prompts) + cfg.eval.max_new_tokens + cfg.eval.beam_width * L + L
         if max_positions and need > max_positions:
             problems.append(f"the longest eval prompt + eval.max_new_tokens + the beams' slots (eval.beam_width x "
                             f"eval.beam_length + eval.beam_length) = {need} positions, more than the base model's "
@@ -541,7 +541,8 @@ def print_summary(summary: dict) -> None:
     if "record" in summary:
         r, d = summary["record"], summary["decision"]
         print(f"tokens/step (tau): {r['tokens_per_step']:.2f}  "
-              f"(W={r['beam_width']}, L={r['beam_length']}, {r['num_prompts']} prompts)")
+              f"(W={r['beam_width']}, L={r['beam_length']}{' chosen for this device' if r.get('beam_shape') else ''}, "
+              f"{r['num_prompts']} prompts)")
         print(f"speedup vs plain greedy: {r['speedup']:.2f}x {ci_text(r['speedup_ci95'])} "
               f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
         print(f"lossless: {r['lossless']}")

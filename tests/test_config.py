@@ -65,6 +65,14 @@ def test_hybrid_settings_are_checked_together():
     assert load_config(["recipe=tiny", "eval.hybrid_switch=2", "eval.hybrid_lookup_length=10"]).eval.hybrid_lookup_length == 10
 
 
+def test_auto_beam_length_needs_one_greedy_beam():
+    assert load_config(["recipe=tiny", "eval.beam_width=1", "eval.beam_length=0"]).eval.beam_length == 0
+    with pytest.raises(ConfigError, match="needs eval.beam_width=1"):
+        load_config(["recipe=tiny", "eval.beam_width=2", "eval.beam_length=0"])
+    with pytest.raises(ConfigError, match="or 0 \\(auto\\)"):
+        load_config(["recipe=tiny", "eval.beam_length=1"])
+
+
 def test_max_turn_is_checked():
     with pytest.raises(ConfigError, match="'data.train.max_turn': -1"):
         load_config(["recipe=smollm2", "data.train.max_turn=-1"])

@@ -61,6 +61,33 @@ def test_greedy_record(setup):
     assert again == rec
 
 
+def test_auto_beam_length_is_chosen_on_this_device_from_the_drafters_acceptance(setup):
+    from eval.forward_cost import choose_beam_length, expected_tau
+
+    # the math: tau(L) = 1 + sum_k prod_{i<=k} a_i; a longer beam wins where its forward is cheaper
+    assert expected_tau([0.5, 0.5, 0.5], 4) == pytest.approx(1.875) and expected_tau([0.5], 2) == 1.5
+    L, ideal = choose_beam_length([0.5, 0.5, 0.5], {1: 10.0, 2: 20.0, 3: 25.0, 4: 11.0})
+    assert L == 4 and ideal[4] == pytest.approx(1.875 * 10 / 11) and set(ideal) == {2, 3, 4}
+    assert choose_beam_length([0.5, 0.5, 0.5], {1: 10.0, 2: 11.0, 3: 25.0, 4: 30.0})[0] == 2
+
+    model_cfg, data, root = setup
+    cfg = EvalConfig(beam_width=1, beam_length=0, max_new_tokens=8, num_prompts=0, repeats=1, num_threads=1)
+    with pytest.raises(ValueError, match="needs the drafter's held-out top-1"):
+        run_eval(model_cfg, data, cfg, root / "drafter", root / "auto-none")
+    drafter = root / "drafter-auto"
+    drafter.mkdir()
+    for f in ("drafter.safetensors", "arch.json"):
+        (drafter / f).write_bytes((root / "drafter" / f).read_bytes())
+    horizon = json.loads((drafter / "arch.json").read_text())["horizon"]
+    (drafter / "train_metrics.json").write_text(json.dumps(
+        {"final": {f"heldout/top1_{i}": 0.6 for i in range(1, horizon)}}))
+    rec = run_eval(model_cfg, data, cfg, drafter, root / "auto")
+    shape = rec["beam_shape"]
+    assert rec["beam_length"] == shape["beam_length"] == max(shape["ideal_by_length"], key=shape["ideal_by_length"].get)
+    assert set(shape["ideal_by_length"]) == set(range(2, horizon + 1)) and set(shape["forward_ms"]) == set(range(1, horizon + 1))
+    assert rec["lossless"] is True and rec["decode_stats"]["beam_length"] == rec["beam_length"]
+
+
 def test_hybrid_is_measured_beside_the_drafter_and_off_keeps_old_records_valid(setup):
     from eval.evaluate import eval_inputs
     from pipeline.lineage import hash_json
