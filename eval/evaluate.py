@@ -345,12 +345,17 @@ def auto_beam_length(model, drafter_dir: Path, eval_cfg: EvalConfig, prompts: li
     path = drafter_dir / "train_metrics.json"
     final = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     horizon = json.loads((drafter_dir / "arch.json").read_text())["horizon"]
-    acceptance = [final.get(f"heldout/top1_{i}") for i in range(1, horizon)]
-    if not acceptance or any(a is None for a in acceptance):
+    acceptance = []
+    for i in range(1, horizon):  # up to the first position the held-out set did not reach (None / nan)
+        a = final.get(f"heldout/top1_{i}")
+        if a is None or a != a:
+            break
+        acceptance.append(float(a))
+    if not acceptance:
         raise ValueError(f"eval.beam_length=0 (auto) needs the drafter's held-out top-1 per draft position in {path}; "
                          "set eval.beam_length to a number")
     context = int(statistics.median(len(p.input_ids) for p in prompts)) + eval_cfg.max_new_tokens // 2
-    costs, _ = forward_costs(model, list(range(1, horizon + 1)), context, repeats=7)
+    costs, _ = forward_costs(model, list(range(1, len(acceptance) + 2)), context, repeats=7)
     median_ms = {q: c["median"] for q, c in costs.items()}
     L, ideal = choose_beam_length(acceptance, median_ms)
     print(f"eval: beam length {L} (auto): verify forward ms by query tokens {', '.join(f'{q}: {m:.1f}' for q, m in median_ms.items())}; "

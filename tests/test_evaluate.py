@@ -86,6 +86,11 @@ def test_auto_beam_length_is_chosen_on_this_device_from_the_drafters_acceptance(
     assert rec["beam_length"] == shape["beam_length"] == max(shape["ideal_by_length"], key=shape["ideal_by_length"].get)
     assert set(shape["ideal_by_length"]) == set(range(2, horizon + 1)) and set(shape["forward_ms"]) == set(range(1, horizon + 1))
     assert rec["lossless"] is True and rec["decode_stats"]["beam_length"] == rec["beam_length"]
+    # positions the held-out set never reached (None) end the candidates: lengths up to the last measured one
+    (drafter / "train_metrics.json").write_text(json.dumps(
+        {"final": {"heldout/top1_1": 0.6, "heldout/top1_2": 0.5, "heldout/top1_3": None}}))
+    short = run_eval(model_cfg, data, cfg, drafter, root / "auto-short")["beam_shape"]
+    assert short["heldout_acceptance"] == [0.6, 0.5] and set(short["ideal_by_length"]) == {2, 3}
 
 
 def test_hybrid_is_measured_beside_the_drafter_and_off_keeps_old_records_valid(setup):
