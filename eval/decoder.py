@@ -515,6 +515,8 @@ class ForwardTimer:
 def forward_timer(model, stats: DecodeStats):
     """A `ForwardTimer` on `stats` where the model runs on the CPU, else no clock (see ForwardTimer)."""
     return ForwardTimer(stats) if model.device.type == "cpu" else NO_CLOCK
+
+
 STEP_PHASES = ("drafter", "packing", "base_forward", "acceptance", "cache_bookkeeping")
 
 

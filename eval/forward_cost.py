@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, callable]:
+def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, Callable[[int], Callable[[], object]]]:
     """{q: {median, min, max} milliseconds} of the decoder's verify forward over q query tokens after a
     `context`-token committed context (random tokens: the cost does not depend on them), each after one
     warm-up; and `forward(q)`, a closure that runs one such forward (for --profile)."""
