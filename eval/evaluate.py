@@ -358,8 +358,10 @@ def auto_beam_length(model, drafter_dir: Path, eval_cfg: EvalConfig, prompts: li
     costs, _ = forward_costs(model, list(range(1, len(acceptance) + 2)), context, repeats=7)
     median_ms = {q: c["median"] for q, c in costs.items()}
     L, ideal = choose_beam_length(acceptance, median_ms)
-    print(f"eval: beam length {L} (auto): verify forward ms by query tokens {', '.join(f'{q}: {m:.1f}' for q, m in median_ms.items())}; "
-          f"ideal by length {', '.join(f'{k}: {v:.2f}x' for k, v in ideal.items())}", flush=True)
+    costs_text = ", ".join(f"{q}: {m:.1f}" for q, m in median_ms.items())
+    ideal_text = ", ".join(f"{k}: {v:.2f}x" for k, v in ideal.items())
+    print(f"eval: beam length {L} (auto): verify forward ms by query tokens {costs_text}; ideal by length {ideal_text}",
+          flush=True)
     return {"beam_length": L, "auto": True, "forward_ms": median_ms, "context": context, "heldout_acceptance": acceptance,
             "expected_tau": {k: expected_tau(acceptance, k) for k in ideal}, "ideal_by_length": ideal}
 

@@ -109,7 +109,8 @@ def data_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, teacher_cfg: 
     """Everything the teacher data depends on. Execution settings (EXECUTION_ONLY) are left out."""
     teacher = hashed_settings({k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in EXECUTION_ONLY},
                               ADDED_LATER["teacher"])
-    recipe = {"teacher": teacher, "data_train": hashed_settings(dataclasses.asdict(data_cfg.train), ADDED_LATER["data"]), "seed": seed,
+    data_train = hashed_settings(dataclasses.asdict(data_cfg.train), ADDED_LATER["data"])
+    recipe = {"teacher": teacher, "data_train": data_train, "seed": seed,
               "chat_template": data_cfg.chat_template, "max_prompt_tokens": data_cfg.max_prompt_tokens,
               "model_dtype": model_cfg.dtype}
     return {
