@@ -81,7 +81,8 @@ def model_card(record: dict, arch, decision: dict, lineage: dict, serving: dict,
         lines += ["", "## Training data", "",
                   f"- {data.get('num_sequences')} sequences, {data.get('num_tokens')} response tokens; responses: "
                   f"{data.get('responses', 'generate')} (the targets are always the base model's own next-token "
-                  "distributions)"]
+                  f"distributions, computed in {data.get('recipe', {}).get('model_dtype', 'float32')}; the "
+                  "evaluation below verified in its own dtype)"]
         for name, a in acc.get("sources", {}).items():
             skipped = ", ".join(f"{k} {v}" for k, v in a.get("skipped", {}).items()) or "none"
             lines.append(f"- `{name}`: {a.get('considered')} prompts considered, {a.get('kept')} kept, skipped: {skipped}")

@@ -81,6 +81,28 @@ def test_max_turn_is_checked():
     assert load_config(["recipe=smollm2", "data.train.max_turn=2"]).data.train.max_turn == 2
 
 
+def test_auto_dtype_is_resolved_from_the_machine(monkeypatch):
+    import torch
+
+    from pipeline import config
+
+    # this machine's answer, from torch's own CPU probe: the resolved config holds the concrete dtype
+    caps = torch.cpu.get_capabilities()
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    assert config.native_bf16() is native
+    cfg = load_config(["recipe=smollm2"])
+    assert (cfg.model.dtype, cfg.train.precision) == (("bfloat16", "bf16") if native else ("float32", "fp32"))
+    # both branches, whatever this machine is; an explicit dtype is kept
+    for found, dtype, precision in ((True, "bfloat16", "bf16"), (False, "float32", "fp32")):
+        monkeypatch.setattr(config, "native_bf16", lambda found=found: found)
+        cfg = load_config(["recipe=smollm2"])
+        assert (cfg.model.dtype, cfg.train.precision) == (dtype, precision)
+        cfg = load_config(["recipe=smollm2", "model.dtype=float32", "train.precision=bf16"])
+        assert (cfg.model.dtype, cfg.train.precision) == ("float32", "bf16")
+    with pytest.raises(ConfigError, match="'model.dtype': 'fp8'"):
+        load_config(["recipe=smollm2", "model.dtype=fp8"])
+
+
 def test_unknown_recipe_lists_recipes():
     with pytest.raises(ConfigError, match="available recipes: .*tiny"):
         load_config(["recipe=nope"])

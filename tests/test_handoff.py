@@ -40,7 +40,7 @@ def _export(tiny_model_dir, out, draft_vocab_size=0):
     lineage = {"base_model": str(tiny_model_dir),
                "base_model_hash": base_model_fingerprint(ModelConfig(base_model=str(tiny_model_dir)))}
     decision = {"promoted": True, "reason": "all rules passed"}
-    data = {"num_sequences": 10, "num_tokens": 400, "responses": "generate",
+    data = {"num_sequences": 10, "num_tokens": 400, "responses": "generate", "recipe": {"model_dtype": "bfloat16"},
             "prompt_accounting": {"sources": {"train.jsonl": {"considered": 12, "kept": 10, "skipped": {"too_long": 2}}},
                                   "overlaps_eval_removed": 0}}
     write_handoff(out, _record(), arch, decision, lineage, data)
@@ -53,6 +53,7 @@ def test_card_and_serving_config_carry_the_beam_settings(tiny_model_dir, tmp_pat
     assert f"--redrafter_num_beams {W} --redrafter_draft_len_per_beam {L - 1}" in card
     assert f"--beam_width {W} --beam_length {L}" in card  # Apple's reference counts g0
     assert "| code | 1.80 | 1.40x |" in card and "PROMOTED" in card and "too_long 2" in card
+    assert "computed in bfloat16" in card  # the teacher's dtype, which may differ from the eval's (float32 here)
     assert "explicit_draft_tokens" in card and "TensorRT engine backend" in card
     serving = json.loads((tmp_path / "promoted" / "serving.json").read_text())
     assert serving["redrafter_num_beams"] == W and serving["redrafter_draft_len_per_beam"] == L - 1
