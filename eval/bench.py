@@ -27,6 +27,7 @@ import torch
 from data.prompts import load_prompts, select_prompts
 from eval.baselines import lookahead_generate, prompt_lookup_generate
 from eval.compare import ci_text, compare, method_table
+from eval.cpu_kernels import apply_cpu_kernels
 from eval.decoder import compile_base, first_divergence, plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import profile_decoder
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the run's eval.device")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="base model and drafter dtype; default: the run's eval.dtype")
+    ap.add_argument("--cpu-kernels", default=None, choices=["stock", "onednn"],
+                    help="the base model's linear layers on a CPU (default: the run's eval.cpu_kernels)")
     ap.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
                     help="torch.compile the base model (every method uses it); default: the run's eval.compile")
     ap.add_argument("--hybrid-ngram", type=int, default=3,
@@ -80,6 +83,7 @@ def main(argv=None) -> dict:
     model, tok = load_base_model(cfg.model, device=args.device or cfg.eval.device, dtype=args.dtype or cfg.eval.dtype)
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
+    apply_cpu_kernels(model, args.cpu_kernels or cfg.eval.cpu_kernels)
     drafter = load_trained_drafter(run.drafter, model, model.dtype)
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
@@ -91,7 +95,7 @@ def main(argv=None) -> dict:
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     report: dict = {"device": str(model.device), "device_name": device_name, "dtype": str(model.dtype),
                     "threads": torch.get_num_threads(),
-                    "compile": compile_mode,
+                    "compile": compile_mode, "cpu_kernels": args.cpu_kernels or cfg.eval.cpu_kernels,
                     # transformers' generate() keeps forward outputs that a graph replay overwrites
                     "prompt_lookup_compile": "none (eager)" if compile_mode == "reduce-overhead" else compile_mode,
                     "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
@@ -139,7 +143,7 @@ def main(argv=None) -> dict:
         record = json.loads(record_path.read_text())
         record["best_setting"] = report["best_setting"] | {"device": report["device"], "dtype": report["dtype"],
                                                            "device_name": device_name, "threads": report["threads"],
-                                                           "compile": compile_mode,
+                                                           "compile": compile_mode, "cpu_kernels": args.cpu_kernels or cfg.eval.cpu_kernels,
                                                            "max_batch_size_where_faster":
                                                                report["max_batch_size_where_faster"]}
         atomic.write_json(record_path, record)

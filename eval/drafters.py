@@ -24,6 +24,7 @@ import torch
 
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
+from eval.cpu_kernels import apply_cpu_kernels
 from eval.decoder import plain_greedy
 from eval.evaluate import load_trained_drafter, with_model_answers
 from eval.profile import cost_ratio, ideal_at, profile_decoder
@@ -88,6 +89,7 @@ def main(argv=None) -> dict:
         raise SystemExit("error: run directories must have distinct names (they label the methods)")
     cfg: Config = load_run_config(runs[0])
     model, tok = load_base_model(cfg.model, device=cfg.eval.device, dtype=cfg.eval.dtype)
+    apply_cpu_kernels(model, cfg.eval.cpu_kernels)
     W, L = args.width or cfg.eval.beam_width, args.length or cfg.eval.beam_length
     n, eos = args.max_new_tokens or cfg.eval.max_new_tokens, tok.eos_token_id
     source = dataclasses.replace(cfg.data.eval, path=args.eval_data) if args.eval_data else cfg.data.eval

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from data.prompts import load_prompts, select_prompts
 from eval.compare import ci_text, compare
+from eval.cpu_kernels import apply_cpu_kernels
 from eval.decoder import compile_base, first_divergence, only_numerical_ties, plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline import atomic
@@ -216,6 +217,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         torch.set_num_threads(eval_cfg.num_threads)
     model, tokenizer = load_base_model(model_cfg, device=eval_cfg.device, dtype=eval_cfg.dtype)
     compile_base(model, eval_cfg.compile)  # compiled during compare()'s untimed warm-up
+    apply_cpu_kernels(model, eval_cfg.cpu_kernels)  # every method below runs through the same layers
     drafter = load_trained_drafter(drafter_dir, model, model.dtype)
     incumbent = None
     if incumbent_dir is not None:

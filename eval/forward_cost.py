@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from eval.cpu_kernels import KERNELS, apply_cpu_kernels
 from eval.decoder import attention_masks, base_forward, new_cache
 from pipeline.base_model import load_base_model
 from pipeline.config import ModelConfig
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cpu-kernels", default="stock", choices=KERNELS,
+                    help="the linear layers' CPU kernel (eval.cpu_kernels; eval/cpu_kernels.py)")
     ap.add_argument("--profile", action="store_true", help="also break a 1-token and the largest forward down")
     return ap.parse_args(argv)
 
@@ -110,11 +113,12 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_base_model(ModelConfig(base_model=args.model, dtype=args.dtype))
+    apply_cpu_kernels(model, args.cpu_kernels)
     ms, forward = forward_costs(model, args.queries, args.context, args.repeats)
     report = {"model": args.model, "context": args.context, "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "ms": ms}
+              "cpu_kernels": args.cpu_kernels, "ms": ms}
     print(f"{args.model}: verify forward over q tokens after {args.context} cached, {torch.get_num_threads()} threads, "
-          f"{args.dtype}, median of {args.repeats}")
+          f"{args.dtype}, {args.cpu_kernels} linears, median of {args.repeats}")
     one = report["ms"][args.queries[0]]["median"]
     for q, m in report["ms"].items():
         print(f"  q={q:<3} {m['median']:7.1f} ms  [{m['min']:.1f}-{m['max']:.1f}]  x{m['median'] / one:.2f}")

@@ -112,7 +112,8 @@ LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
 # before: at that value they hash as absent (pipeline/lineage.hashed_settings), so old work is reused.
 ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
-    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0},
+    "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0,
+             "cpu_kernels": "stock"},
     "drafter": {"head": "redrafter"},
     "data": {"max_turn": 0},  # a prompt source (data.train, data.eval)
 }
@@ -193,6 +194,10 @@ class EvalConfig:
     # greedy plain decoding and ReDrafter through the static step (eval/graphs.py, docs/design.md §3.6): on CUDA
     # the whole step is one CUDA graph per bucket. auto = on for eval.device=cuda without eval.compile | on | off
     static_step: str = "auto"
+    # the base model's linear layers on a CPU (eval/cpu_kernels.py): stock = torch's default float32 path;
+    # onednn = oneDNN's linear on weights reordered once (CPU, float32, eval.compile=none): every method of
+    # the run uses the same layers, plain decoding included
+    cpu_kernels: str = "stock"
     # greedy: profile this many eval prompts after the timed run (eval/profile.py) to record the ideal
     # speedup (tau x plain step / verify forward) and the decoder efficiency (measured / ideal); 0 = skip
     profile_prompts: int = 3
@@ -296,6 +301,7 @@ _CHOICES = {
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "eval.static_step": ("auto", "on", "off"),
+    "eval.cpu_kernels": ("stock", "onednn"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 
@@ -317,6 +323,11 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.eval.hybrid_lookup_length and (not cfg.eval.hybrid_switch or cfg.eval.hybrid_lookup_length < 2):
         p.append(f"bad value for 'eval.hybrid_lookup_length': {cfg.eval.hybrid_lookup_length}; it is the switch mode's "
                  "lookup path length (set eval.hybrid_switch) and at least 2, or 0 (the beam length)")
+    if cfg.eval.cpu_kernels == "onednn" and (cfg.eval.device != "cpu" or cfg.eval.dtype != "float32"
+                                             or cfg.eval.compile != "none"):
+        p.append(f"bad value for 'eval.cpu_kernels': onednn is a float32 CPU kernel for the eager model; it needs "
+                 f"eval.device=cpu, eval.dtype=float32 and eval.compile=none (got {cfg.eval.device}, {cfg.eval.dtype}, "
+                 f"{cfg.eval.compile})")
     if cfg.eval.static_step == "on" and cfg.eval.compile != "none":
         p.append(f"'eval.static_step'=on captures the whole step itself; it is not combined with "
                  f"eval.compile={cfg.eval.compile} (set one of them)")

@@ -1,0 +1,66 @@
+"""The base model's linear layers on oneDNN (eval/cpu_kernels.py, `eval.cpu_kernels=onednn`): the same
+logits to float32 rounding, the same greedy tokens, and speculative decoding on the swapped model
+lossless against plain decoding on it, token for token, batched and ragged.
+
+    python -m pytest tests/test_cpu_kernels.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eval.cpu_kernels import apply_cpu_kernels, onednn_available, use_onednn_linears
+from eval.decoder import plain_greedy
+from eval.speculative import SpeculativeDecoder
+from pipeline.config import ConfigError, load_config
+from tests.test_decoder import MAX_NEW, TableDrafter, make_prompts, ragged_eos_case, random_drafter, seen_bigram_table
+from tests.test_tree import single_thread, tiny_llama  # noqa: F401  (single_thread: autouse fixture)
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@torch.no_grad()
+def test_onednn_linears_compute_the_same_model():
+    stock, swapped = tiny_llama("sdpa"), tiny_llama("sdpa")  # same seed: the same weights
+    linears = sum(isinstance(m, nn.Linear) for m in swapped.modules())
+    assert apply_cpu_kernels(swapped, "onednn") == linears > 0
+    assert use_onednn_linears(swapped) == 0  # once is enough
+    assert sum(isinstance(m, nn.Linear) for m in swapped.modules()) == linears  # still nn.Linear, dense weights
+    assert swapped.lm_head.weight is swapped.get_output_embeddings().weight
+    ids = torch.randint(3, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    a, b = stock(ids).logits, swapped(ids).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert apply_cpu_kernels(stock, "stock") == 0 and not hasattr(stock.lm_head, "_onednn_weight")
+
+    # the kernel really runs: a changed reordered copy changes the output
+    swapped.lm_head._onednn_weight = torch.zeros_like(swapped.lm_head.weight).to_mkldnn()
+    assert swapped(ids).logits.abs().max() == 0
+
+
+@torch.no_grad()
+def test_speculative_decoding_on_onednn_linears_is_lossless():
+    model = tiny_llama("sdpa")
+    prompts = make_prompts(12, seed=1)
+    stock_tokens = plain_greedy(model, prompts, MAX_NEW, None).tokens
+    apply_cpu_kernels(model, "onednn")
+    free, eos, reference = ragged_eos_case(model, prompts)
+    assert free == stock_tokens  # the tiny model's greedy text is unchanged by the kernel
+    for drafter in (random_drafter(model), TableDrafter(seen_bigram_table(prompts, free))):
+        decoder = SpeculativeDecoder(model, drafter, beam_width=3, beam_length=4)
+        for i in range(0, len(prompts), 4):
+            assert decoder.generate(prompts[i:i + 4], MAX_NEW, eos).tokens == reference[i:i + 4]
+
+
+def test_onednn_refuses_what_it_does_not_run():
+    bf16 = tiny_llama("sdpa").to(torch.bfloat16)
+    assert "float32" in onednn_available(bf16)
+    with pytest.raises(ValueError, match="eval.cpu_kernels=onednn: the model is torch.bfloat16"):
+        apply_cpu_kernels(bf16, "onednn")
+    with pytest.raises(ValueError, match="choose one of stock, onednn"):
+        apply_cpu_kernels(bf16, "mkl")
+    for bad in (["eval.dtype=bfloat16"], ["eval.compile=default"], ["eval.device=cuda"]):
+        with pytest.raises(ConfigError, match="onednn is a float32 CPU kernel"):
+            load_config(["recipe=smollm2", "eval.cpu_kernels=onednn", *bad])
+    assert load_config(["recipe=tiny", "eval.cpu_kernels=onednn"]).eval.cpu_kernels == "onednn"
