@@ -139,7 +139,7 @@ def _breakdown(run, model, q: int, reps: int = 5) -> dict:
             run()
     self_ms = {e.key: e.self_cpu_time_total / 1e3 / reps for e in prof.key_averages()}
     total = sum(self_ms.values())
-    mm = sum(v for k, v in self_ms.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    mm = sum(v for k, v in self_ms.items() if k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_linear"))
     attention = sum(v for k, v in self_ms.items() if "scaled_dot_product" in k)
     lm_head = _time(lambda: model.lm_head(torch.zeros(1, q, model.config.hidden_size, dtype=model.dtype)))
     return {"total_ms": total, "mm_ms": mm, "lm_head_ms": lm_head, "attention_ms": attention,

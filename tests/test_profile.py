@@ -51,3 +51,10 @@ def test_forward_cost_curve(tiny_model_dir):
     assert set(report["ms"]) == {1, 4} and all(m["min"] <= m["median"] <= m["max"] for m in report["ms"].values())
     b = report["profile"][4]
     assert b["mm_ms"] > 0 and b["total_ms"] >= b["mm_ms"] + b["attention_ms"]
+    if torch.backends.mkldnn.is_available():  # the oneDNN linears (eval.cpu_kernels) are priced as matmuls too
+        try:
+            report = forward_cost(["--model", str(tiny_model_dir), "--queries", "1,4", "--context", "16",
+                                   "--repeats", "3", "--threads", "1", "--profile", "--cpu-kernels", "onednn"])
+        finally:
+            torch.set_num_threads(threads)
+        assert report["cpu_kernels"] == "onednn" and report["profile"][4]["mm_ms"] > 0
