@@ -22,7 +22,7 @@ import types
 import torch
 from torch import nn
 
-KERNELS = ("stock", "onednn")
+KERNELS = ("stock", "onednn", "auto")
 
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,11 @@ def use_onednn_linears(model) -> int:
 
 def apply_cpu_kernels(model, kernels: str) -> int:
     """`eval.cpu_kernels` on a loaded base model: "stock" leaves it as it is, "onednn" swaps its linear
-    layers (use_onednn_linears). Returns the number of layers swapped."""
+    layers (use_onednn_linears), "auto" swaps them where oneDNN can run this model (a config loaded by
+    pipeline.config has already resolved auto). Returns the number of layers swapped."""
     if kernels not in KERNELS:
         raise ValueError(f"eval.cpu_kernels={kernels!r}; choose one of {', '.join(KERNELS)}")
+    if kernels == "auto":
+        kernels = "stock" if onednn_available(model) or getattr(model.model.forward, "_draftforge_compiled", None) \
+            else "onednn"
     return use_onednn_linears(model) if kernels == "onednn" else 0

@@ -196,8 +196,9 @@ class EvalConfig:
     static_step: str = "auto"
     # the base model's linear layers on a CPU (eval/cpu_kernels.py): stock = torch's default float32 path;
     # onednn = oneDNN's linear on weights reordered once (CPU, float32, eval.compile=none): every method of
-    # the run uses the same layers, plain decoding included
-    cpu_kernels: str = "stock"
+    # the run uses the same layers, plain decoding included; auto = onednn where it applies, else stock
+    # (resolved when the config is loaded)
+    cpu_kernels: str = "auto"
     # greedy: profile this many eval prompts after the timed run (eval/profile.py) to record the ideal
     # speedup (tau x plain step / verify forward) and the decoder efficiency (measured / ideal); 0 = skip
     profile_prompts: int = 3
@@ -301,7 +302,7 @@ _CHOICES = {
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "eval.static_step": ("auto", "on", "off"),
-    "eval.cpu_kernels": ("stock", "onednn"),
+    "eval.cpu_kernels": ("stock", "onednn", "auto"),
     "tracking.mode": ("offline", "online", "disabled"),
 }
 
@@ -489,7 +490,19 @@ def load_config(overrides: list[str] | None = None, recipes_dir: Path = RECIPES_
             cfg.model.dtype = "bfloat16" if native else "float32"
         if cfg.train.precision == "auto":
             cfg.train.precision = "bf16" if native else "fp32"
+    if cfg.eval.cpu_kernels == "auto":
+        cfg.eval.cpu_kernels = "onednn" if onednn_applies(cfg.eval) else "stock"
     return cfg
+
+
+def onednn_applies(eval_cfg: EvalConfig) -> bool:
+    """Whether eval.cpu_kernels=onednn can run these eval settings: float32 on a CPU, eager, and a torch
+    built with oneDNN (eval/cpu_kernels.py)."""
+    if (eval_cfg.device, eval_cfg.dtype, eval_cfg.compile) != ("cpu", "float32", "none"):
+        return False
+    import torch
+
+    return torch.backends.mkldnn.is_available()
 
 
 def native_bf16() -> bool:

@@ -64,3 +64,15 @@ def test_onednn_refuses_what_it_does_not_run():
         with pytest.raises(ConfigError, match="onednn is a float32 CPU kernel"):
             load_config(["recipe=smollm2", "eval.cpu_kernels=onednn", *bad])
     assert load_config(["recipe=tiny", "eval.cpu_kernels=onednn"]).eval.cpu_kernels == "onednn"
+
+
+def test_auto_picks_onednn_where_it_runs():
+    # resolved when the config is loaded: onednn for a float32 eager CPU eval, stock for anything else
+    assert load_config(["recipe=tiny"]).eval.cpu_kernels == "onednn"
+    for other in (["eval.dtype=bfloat16"], ["eval.compile=default"], ["eval.device=cuda"]):
+        assert load_config(["recipe=tiny", *other]).eval.cpu_kernels == "stock"
+    assert load_config(["recipe=tiny", "eval.cpu_kernels=stock"]).eval.cpu_kernels == "stock"
+    # and on a model given directly: swapped where oneDNN can run it, left alone where it cannot
+    model = tiny_llama("sdpa")
+    assert apply_cpu_kernels(model, "auto") == sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert apply_cpu_kernels(tiny_llama("sdpa").to(torch.bfloat16), "auto") == 0
