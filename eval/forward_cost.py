@@ -46,8 +46,9 @@ def parse_args(argv=None):
 @torch.inference_mode()
 def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, Callable[[int], Callable[[], object]]]:
     """{q: {median, min, max} milliseconds} of the decoder's verify forward over q query tokens after a
-    `context`-token committed context (random tokens: the cost does not depend on them), each after one
-    warm-up; and `forward(q)`, a closure that runs one such forward (for --profile)."""
+    `context`-token committed context (random tokens: the cost does not depend on them), every shape
+    warmed up once, then timed in `repeats` interleaved rounds; and `forward(q)`, a closure that runs one
+    such forward (for --profile)."""
     ctx, max_q = context, max(queries)
     cache_len = ctx + max_q
     cache = new_cache(model, 1, cache_len)
@@ -69,18 +70,18 @@ def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 
                                cache_len)
         return lambda: base_forward(model, cache, tokens, positions, bias, ctx)
 
-    ms = {}
-    for q in queries:
-        run = forward(q)
-        run()  # warm-up
-        times = []
-        for _ in range(repeats):
+    runs = {q: forward(q) for q in queries}
+    for run in runs.values():  # every shape warmed up before any is timed (a kernel's first calls cost more)
+        run()
+    times: dict[int, list[float]] = {q: [] for q in queries}
+    for _ in range(repeats):  # interleaved rounds: drift in the machine's speed falls on every q alike
+        for q, run in runs.items():
             sync()
             t = time.perf_counter()
             run()
             sync()
-            times.append(1e3 * (time.perf_counter() - t))
-        ms[q] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+            times[q].append(1e3 * (time.perf_counter() - t))
+    ms = {q: {"median": statistics.median(ts), "min": min(ts), "max": max(ts)} for q, ts in times.items()}
     return ms, forward
 
 
