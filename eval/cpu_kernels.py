@@ -4,8 +4,8 @@ On a CPU a decoding step is a few rows through every linear layer. The stock flo
 gemv for one row, its sgemm for several) streams the row-major weight on every call, and for 2 to 8
 rows the sgemm path cost about 1.6x the 1-row one on this repo's AMD EPYC (docs/design.md §3.8).
 oneDNN's linear on a weight reordered once into its blocked layout read the same weights faster
-at every row count: a SmolLM2-135M forward took 28 ms for one token instead of 36, and 38 ms for five
-instead of 58 (`python -m eval.forward_cost --cpu-kernels onednn`).
+at every row count: a SmolLM2-135M forward took 31 ms for one token instead of 40, and 36 ms for five
+instead of 55 (`python -m eval.forward_cost --cpu-kernels onednn`).
 
 `use_onednn_linears` swaps the forward of every `nn.Linear` of the model for that kernel, in place:
 the modules stay `nn.Linear` with their dense weights (tied embeddings, parameter counts and the
