@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     model, tok = load_base_model(cfg.model, device=args.device or cfg.eval.device, dtype=args.dtype or cfg.eval.dtype)
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
-    apply_cpu_kernels(model, args.cpu_kernels or cfg.eval.cpu_kernels)
+    kernels = args.cpu_kernels or cfg.eval.cpu_kernels
+    apply_cpu_kernels(model, kernels)
     drafter = load_trained_drafter(run.drafter, model, model.dtype)
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     report: dict = {"device": str(model.device), "device_name": device_name, "dtype": str(model.dtype),
                     "threads": torch.get_num_threads(),
-                    "compile": compile_mode, "cpu_kernels": args.cpu_kernels or cfg.eval.cpu_kernels,
+                    "compile": compile_mode, "cpu_kernels": kernels,
                     # transformers' generate() keeps forward outputs that a graph replay overwrites
                     "prompt_lookup_compile": "none (eager)" if compile_mode == "reduce-overhead" else compile_mode,
                     "num_prompts": len(prompts), "max_new_tokens": n, "repeats": args.repeats}
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
         record = json.loads(record_path.read_text())
         record["best_setting"] = report["best_setting"] | {"device": report["device"], "dtype": report["dtype"],
                                                            "device_name": device_name, "threads": report["threads"],
-                                                           "compile": compile_mode, "cpu_kernels": args.cpu_kernels or cfg.eval.cpu_kernels,
+                                                           "compile": compile_mode, "cpu_kernels": kernels,
                                                            "max_batch_size_where_faster":
                                                                report["max_batch_size_where_faster"]}
         atomic.write_json(record_path, record)

@@ -40,6 +40,8 @@ def onednn_available(model) -> str | None:
         return f"the model is on {model.device.type}, oneDNN linears are a CPU kernel"
     if model.dtype != torch.float32:
         return f"the model is {model.dtype}; the oneDNN path here is float32"
+    if getattr(model.model.forward, "_draftforge_compiled", None):  # eval/decoder.py compile_base
+        return "the model is torch.compiled; oneDNN linears are for the eager model"
     return None
 
 
@@ -68,6 +70,5 @@ def apply_cpu_kernels(model, kernels: str) -> int:
     if kernels not in KERNELS:
         raise ValueError(f"eval.cpu_kernels={kernels!r}; choose one of {', '.join(KERNELS)}")
     if kernels == "auto":
-        kernels = "stock" if onednn_available(model) or getattr(model.model.forward, "_draftforge_compiled", None) \
-            else "onednn"
+        kernels = "stock" if onednn_available(model) else "onednn"
     return use_onednn_linears(model) if kernels == "onednn" else 0
