@@ -56,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the run's eval.device")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="base model and drafter dtype; default: the run's eval.dtype")
-    ap.add_argument("--cpu-kernels", default=None, choices=["stock", "onednn"],
+    ap.add_argument("--cpu-kernels", default=None, choices=["stock", "onednn", "auto"],
                     help="the base model's linear layers on a CPU (default: the run's eval.cpu_kernels)")
     ap.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
                     help="torch.compile the base model (every method uses it); default: the run's eval.compile")
@@ -83,8 +83,7 @@ def main(argv=None) -> dict:
     model, tok = load_base_model(cfg.model, device=args.device or cfg.eval.device, dtype=args.dtype or cfg.eval.dtype)
     compile_mode = args.compile or cfg.eval.compile
     compile_base(model, compile_mode)
-    kernels = args.cpu_kernels or cfg.eval.cpu_kernels
-    apply_cpu_kernels(model, kernels)
+    kernels = apply_cpu_kernels(model, args.cpu_kernels or cfg.eval.cpu_kernels)["kernels"]
     drafter = load_trained_drafter(run.drafter, model, model.dtype)
     prompts = select_prompts(load_prompts(cfg.data.eval, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template),
                              args.num_prompts, cfg.eval.seed)

@@ -13,10 +13,17 @@ output embedding keep working), and each holds a reordered copy beside them, so 
 take twice the memory. Every decoding method of the eval runs through the same swapped layers, plain
 decoding included, so speedups compare like with like, and the lossless check compares the
 speculative output with plain decoding on that same model.
+
+Which kernel is faster depends on the CPU, so `auto` (the default) measures instead of assuming: on an
+Intel Xeon with AMX the same oneDNN path cost 62 ms for one token where the stock one cost 40
+(docs/design.md §3.8). `choose_kernels` times the decoder's verify forward at the query counts a step
+uses, both kernels in interleaved rounds on the model as loaded, and keeps the faster.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import types
 
 import torch
@@ -55,20 +62,83 @@ def use_onednn_linears(model) -> int:
         raise ValueError(f"eval.cpu_kernels=onednn: {why}")
     swapped = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) and not hasattr(module, "_onednn_weight"):
-            module._onednn_weight = module.weight.detach().contiguous().to_mkldnn()
-            module._onednn_bias = None if module.bias is None else module.bias.detach().contiguous().to_mkldnn()
+        if isinstance(module, nn.Linear) and "forward" not in vars(module):
+            if not hasattr(module, "_onednn_weight"):  # kept by use_stock_linears(keep=True)
+                module._onednn_weight = module.weight.detach().contiguous().to_mkldnn()
+                module._onednn_bias = None if module.bias is None else module.bias.detach().contiguous().to_mkldnn()
             module.forward = types.MethodType(_onednn_forward, module)
             swapped += 1
     return swapped
 
 
-def apply_cpu_kernels(model, kernels: str) -> int:
+def use_stock_linears(model, keep: bool = False) -> int:
+    """Undo use_onednn_linears: every nn.Linear back on torch's own forward; returns how many were swapped.
+    keep=True keeps the reordered copies, so swapping back costs no reorder (choose_kernels)."""
+    restored = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and "forward" in vars(module):
+            del module.forward  # the instance attribute hid nn.Linear.forward
+            restored += 1
+        if not keep and isinstance(module, nn.Linear):
+            for name in ("_onednn_weight", "_onednn_bias"):
+                if hasattr(module, name):
+                    delattr(module, name)
+    return restored
+
+
+def faster_kernel(ms: dict[str, dict[int, float]]) -> str:
+    """The kernel whose verify forwards cost least in all: the sum over the timed query counts of the
+    median milliseconds (a plain step is the 1-token forward, a speculative step one of the others)."""
+    return min(ms, key=lambda k: sum(ms[k].values()))
+
+
+@torch.inference_mode()
+def choose_kernels(model, queries: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8), context: int = 200,
+                   repeats: int = 5) -> dict:
+    """Time the decoder's verify forward (eval/forward_cost.py) over `queries` tokens after `context`
+    cached ones with the stock and the oneDNN linears, in interleaved rounds (each kernel runs every
+    shape once per round, after one untimed warm-up round), and leave the model on the faster:
+    {"kernels": the choice, "forward_ms": {kernel: {q: median ms}}}. The model must be able to run
+    oneDNN (onednn_available)."""
+    from eval.forward_cost import forward_runner  # forward_cost imports this module
+
+    use_onednn_linears(model)  # the reorder happens once, outside the timing
+    use_stock_linears(model, keep=True)
+    forward = forward_runner(model, context, max(queries))
+    runs = {q: forward(q) for q in queries}
+    times: dict[str, dict[int, list[float]]] = {k: {q: [] for q in queries} for k in ("stock", "onednn")}
+    for r in range(repeats + 1):
+        for kernels, shapes in times.items():
+            (use_onednn_linears if kernels == "onednn" else lambda m: use_stock_linears(m, keep=True))(model)
+            for q, run in runs.items():
+                t = time.perf_counter()
+                run()
+                if r:
+                    shapes[q].append(1e3 * (time.perf_counter() - t))
+    ms = {k: {q: round(statistics.median(ts), 2) for q, ts in shapes.items()} for k, shapes in times.items()}
+    choice = faster_kernel(ms)
+    if choice == "onednn":
+        use_onednn_linears(model)
+    else:
+        use_stock_linears(model)
+    return {"kernels": choice, "forward_ms": ms, "context": context}
+
+
+def apply_cpu_kernels(model, kernels: str) -> dict:
     """`eval.cpu_kernels` on a loaded base model: "stock" leaves it as it is, "onednn" swaps its linear
-    layers (use_onednn_linears), "auto" swaps them where oneDNN can run this model (a config loaded by
-    pipeline.config has already resolved auto). Returns the number of layers swapped."""
+    layers (use_onednn_linears), "auto" times both where oneDNN can run this model and keeps the faster
+    (choose_kernels; stock where it cannot). Returns {"kernels": what runs, "swapped": layers swapped},
+    with the timings under "auto" when it measured."""
     if kernels not in KERNELS:
         raise ValueError(f"eval.cpu_kernels={kernels!r}; choose one of {', '.join(KERNELS)}")
     if kernels == "auto":
-        kernels = "stock" if onednn_available(model) else "onednn"
-    return use_onednn_linears(model) if kernels == "onednn" else 0
+        if onednn_available(model):
+            return {"kernels": "stock", "swapped": 0}
+        chosen = choose_kernels(model)
+        swapped = sum("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
+        ms = chosen["forward_ms"]
+        print("cpu kernels (auto): " + "; ".join(
+            f"{k} {', '.join(f'{q}: {v:.1f}' for q, v in ms[k].items())} ms" for k in ms)
+            + f" by query tokens -> {chosen['kernels']}", flush=True)
+        return {"kernels": chosen["kernels"], "swapped": swapped, "auto": chosen}
+    return {"kernels": kernels, "swapped": use_onednn_linears(model) if kernels == "onednn" else 0}

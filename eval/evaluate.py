@@ -217,7 +217,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         torch.set_num_threads(eval_cfg.num_threads)
     model, tokenizer = load_base_model(model_cfg, device=eval_cfg.device, dtype=eval_cfg.dtype)
     compile_base(model, eval_cfg.compile)  # compiled during compare()'s untimed warm-up
-    apply_cpu_kernels(model, eval_cfg.cpu_kernels)  # every method below runs through the same layers
+    kernels = apply_cpu_kernels(model, eval_cfg.cpu_kernels)  # every method below runs through the same layers
     drafter = load_trained_drafter(drafter_dir, model, model.dtype)
     incumbent = None
     if incumbent_dir is not None:
@@ -250,6 +250,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "beam_width": eval_cfg.beam_width, "beam_length": eval_cfg.beam_length, "batch_size": eval_cfg.batch_size,
         **({"beam_shape": beam_shape} if beam_shape else {}),
         "max_new_tokens": eval_cfg.max_new_tokens, "device": eval_cfg.device, "dtype": eval_cfg.dtype,
+        "cpu_kernels": kernels,
         # greedy plain and ReDrafter through the static step; on CUDA it is one CUDA graph per bucket
         "static_step": uses_static_step(eval_cfg),
         "temperature": eval_cfg.temperature, "reference_compatible": eval_cfg.reference_compatible,

@@ -44,12 +44,11 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, Callable[[int], Callable[[], object]]]:
-    """{q: {median, min, max} milliseconds} of the decoder's verify forward over q query tokens after a
-    `context`-token committed context (random tokens: the cost does not depend on them), every shape
-    warmed up once, then timed in `repeats` interleaved rounds; and `forward(q)`, a closure that runs one
-    such forward (for --profile)."""
-    ctx, max_q = context, max(queries)
+def forward_runner(model, context: int, max_q: int) -> Callable[[int], Callable[[], object]]:
+    """`forward(q)`: a closure that runs the decoder's verify forward over q random query tokens after a
+    `context`-token committed context (random tokens: the cost does not depend on them; filled here,
+    once), for any q <= max_q."""
+    ctx = context
     cache_len = ctx + max_q
     cache = new_cache(model, 1, cache_len)
     gen = torch.Generator().manual_seed(0)
@@ -60,7 +59,6 @@ def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 
     base_forward(model, cache, prefix, positions,
                  attention_masks(model, torch.zeros(1, dtype=torch.long, device=model.device), causal, positions, 0,
                                  cache_len), 0)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     def forward(q: int):  # writes at [ctx, ctx + q): the committed context is never overwritten
         tokens = torch.randint(0, vocab, (1, q), generator=gen).to(model.device)
@@ -70,6 +68,16 @@ def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 
                                cache_len)
         return lambda: base_forward(model, cache, tokens, positions, bias, ctx)
 
+    return forward
+
+
+@torch.inference_mode()
+def forward_costs(model, queries: list[int], context: int = 200, repeats: int = 9) -> tuple[dict, Callable[[int], Callable[[], object]]]:
+    """{q: {median, min, max} milliseconds} of the decoder's verify forward over q query tokens after a
+    `context`-token committed context (forward_runner), every shape warmed up once, then timed in
+    `repeats` interleaved rounds; and `forward(q)`, a closure that runs one such forward (for --profile)."""
+    forward = forward_runner(model, context, max(queries))
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     runs = {q: forward(q) for q in queries}
     for run in runs.values():  # every shape warmed up before any is timed (a kernel's first calls cost more)
         run()
@@ -114,12 +122,12 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_base_model(ModelConfig(base_model=args.model, dtype=args.dtype))
-    apply_cpu_kernels(model, args.cpu_kernels)
+    kernels = apply_cpu_kernels(model, args.cpu_kernels)["kernels"]
     ms, forward = forward_costs(model, args.queries, args.context, args.repeats)
     report = {"model": args.model, "context": args.context, "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "cpu_kernels": args.cpu_kernels, "ms": ms}
+              "cpu_kernels": kernels, "ms": ms}
     print(f"{args.model}: verify forward over q tokens after {args.context} cached, {torch.get_num_threads()} threads, "
-          f"{args.dtype}, {args.cpu_kernels} linears, median of {args.repeats}")
+          f"{args.dtype}, {kernels} linears, median of {args.repeats}")
     one = report["ms"][args.queries[0]]["median"]
     for q, m in report["ms"].items():
         print(f"  q={q:<3} {m['median']:7.1f} ms  [{m['min']:.1f}-{m['max']:.1f}]  x{m['median'] / one:.2f}")

@@ -196,8 +196,8 @@ class EvalConfig:
     static_step: str = "auto"
     # the base model's linear layers on a CPU (eval/cpu_kernels.py): stock = torch's default float32 path;
     # onednn = oneDNN's linear on weights reordered once (CPU, float32, eval.compile=none): every method of
-    # the run uses the same layers, plain decoding included; auto = onednn where it applies, else stock
-    # (resolved when the config is loaded)
+    # the run uses the same layers, plain decoding included; auto = the faster of the two, timed by the eval on
+    # its machine before it decodes (stock where oneDNN cannot run the model); the eval record says which ran
     cpu_kernels: str = "auto"
     # greedy: profile this many eval prompts after the timed run (eval/profile.py) to record the ideal
     # speedup (tau x plain step / verify forward) and the decoder efficiency (measured / ideal); 0 = skip
@@ -490,19 +490,7 @@ def load_config(overrides: list[str] | None = None, recipes_dir: Path = RECIPES_
             cfg.model.dtype = "bfloat16" if native else "float32"
         if cfg.train.precision == "auto":
             cfg.train.precision = "bf16" if native else "fp32"
-    if cfg.eval.cpu_kernels == "auto":
-        cfg.eval.cpu_kernels = "onednn" if onednn_applies(cfg.eval) else "stock"
     return cfg
-
-
-def onednn_applies(eval_cfg: EvalConfig) -> bool:
-    """Whether eval.cpu_kernels=onednn can run these eval settings: float32 on a CPU, eager, and a torch
-    built with oneDNN (eval/cpu_kernels.py)."""
-    if (eval_cfg.device, eval_cfg.dtype, eval_cfg.compile) != ("cpu", "float32", "none"):
-        return False
-    import torch
-
-    return torch.backends.mkldnn.is_available()
 
 
 def native_bf16() -> bool:

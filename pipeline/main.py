@@ -546,6 +546,10 @@ def print_summary(summary: dict) -> None:
         print(f"speedup vs plain greedy: {r['speedup']:.2f}x {ci_text(r['speedup_ci95'])} "
               f"({r['spec_tokens_per_s']:.0f} vs {r['plain_tokens_per_s']:.0f} tokens/s)")
         print(f"lossless: {r['lossless']}")
+        if r.get("cpu_kernels", {}).get("auto"):  # eval.cpu_kernels=auto timed both kernels on this machine
+            ms = {k: {str(q): t for q, t in v.items()} for k, v in r["cpu_kernels"]["auto"]["forward_ms"].items()}
+            print(f"cpu kernels: {r['cpu_kernels']['kernels']} (auto; verify forward over 1 / 4 tokens: "
+                  + ", ".join(f"{k} {v['1']:.1f} / {v['4']:.1f} ms" for k, v in ms.items()) + ")")
         if "ideal_speedup" in r:
             prof = r["step_profile"]
             # records made before the timed run was timed hold the profile's step times only

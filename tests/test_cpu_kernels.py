@@ -1,6 +1,7 @@
 """The base model's linear layers on oneDNN (eval/cpu_kernels.py, `eval.cpu_kernels=onednn`): the same
 logits to float32 rounding, the same greedy tokens, and speculative decoding on the swapped model
-lossless against plain decoding on it, token for token, batched and ragged.
+lossless against plain decoding on it, token for token, batched and ragged; and `auto`, which times both
+kernels on the model and keeps the faster.
 
     python -m pytest tests/test_cpu_kernels.py -q
 """
@@ -11,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from eval.cpu_kernels import apply_cpu_kernels, onednn_available, use_onednn_linears
+from eval.cpu_kernels import (apply_cpu_kernels, faster_kernel, onednn_available, use_onednn_linears,
+                               use_stock_linears)
 from eval.decoder import plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline.config import ConfigError, load_config
@@ -25,14 +27,14 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def test_onednn_linears_compute_the_same_model():
     stock, swapped = tiny_llama("sdpa"), tiny_llama("sdpa")  # same seed: the same weights
     linears = sum(isinstance(m, nn.Linear) for m in swapped.modules())
-    assert apply_cpu_kernels(swapped, "onednn") == linears > 0
+    assert apply_cpu_kernels(swapped, "onednn") == {"kernels": "onednn", "swapped": linears} and linears > 0
     assert use_onednn_linears(swapped) == 0  # once is enough
     assert sum(isinstance(m, nn.Linear) for m in swapped.modules()) == linears  # still nn.Linear, dense weights
     assert swapped.lm_head.weight is swapped.get_output_embeddings().weight
     ids = torch.randint(3, 256, (3, 20), generator=torch.Generator().manual_seed(0))
     a, b = stock(ids).logits, swapped(ids).logits
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    assert apply_cpu_kernels(stock, "stock") == 0 and not hasattr(stock.lm_head, "_onednn_weight")
+    assert apply_cpu_kernels(stock, "stock")["swapped"] == 0 and not hasattr(stock.lm_head, "_onednn_weight")
 
     # the kernel really runs: a changed reordered copy changes the output
     swapped.lm_head._onednn_weight = torch.zeros_like(swapped.lm_head.weight).to_mkldnn()
@@ -66,13 +68,46 @@ def test_onednn_refuses_what_it_does_not_run():
     assert load_config(["recipe=tiny", "eval.cpu_kernels=onednn"]).eval.cpu_kernels == "onednn"
 
 
-def test_auto_picks_onednn_where_it_runs():
-    # resolved when the config is loaded: onednn for a float32 eager CPU eval, stock for anything else
-    assert load_config(["recipe=tiny"]).eval.cpu_kernels == "onednn"
-    for other in (["eval.dtype=bfloat16"], ["eval.compile=default"], ["eval.device=cuda"]):
-        assert load_config(["recipe=tiny", *other]).eval.cpu_kernels == "stock"
-    assert load_config(["recipe=tiny", "eval.cpu_kernels=stock"]).eval.cpu_kernels == "stock"
-    # and on a model given directly: swapped where oneDNN can run it, left alone where it cannot
-    model = tiny_llama("sdpa")
-    assert apply_cpu_kernels(model, "auto") == sum(isinstance(m, nn.Linear) for m in model.modules())
-    assert apply_cpu_kernels(tiny_llama("sdpa").to(torch.bfloat16), "auto") == 0
+def _swapped(model) -> int:
+    return sum("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@torch.no_grad()
+def test_stock_linears_undo_the_swap():
+    model, stock = tiny_llama("sdpa"), tiny_llama("sdpa")
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    linears = apply_cpu_kernels(model, "onednn")["swapped"]
+    assert use_stock_linears(model, keep=True) == linears and _swapped(model) == 0
+    assert hasattr(model.lm_head, "_onednn_weight")  # kept: swapping back costs no reorder
+    model.lm_head._onednn_weight = torch.zeros_like(model.lm_head.weight).to_mkldnn()
+    assert torch.equal(model(ids).logits, stock(ids).logits)  # torch's own forward again, bit for bit
+    assert use_onednn_linears(model) == linears and model(ids).logits.abs().max() == 0  # the kept copy runs
+    assert use_stock_linears(model) == linears and not hasattr(model.lm_head, "_onednn_weight")
+
+
+def test_faster_kernel_is_the_cheaper_sum():
+    assert faster_kernel({"stock": {1: 40.0, 4: 63.0}, "onednn": {1: 31.0, 4: 35.0}}) == "onednn"
+    assert faster_kernel({"stock": {1: 40.0, 4: 63.0}, "onednn": {1: 62.0, 4: 77.0}}) == "stock"
+    # the sum, not the 1-token forward alone: a speculative step is one of the larger shapes
+    assert faster_kernel({"stock": {1: 30.0, 4: 60.0}, "onednn": {1: 33.0, 4: 40.0}}) == "onednn"
+
+
+@torch.no_grad()
+def test_auto_times_both_kernels_and_keeps_the_faster():
+    # the config keeps auto: the eval decides on the machine it runs on, and records what it chose
+    assert load_config(["recipe=tiny"]).eval.cpu_kernels == "auto"
+    assert load_config(["recipe=smollm2"]).eval.cpu_kernels == "auto"
+    model, stock = tiny_llama("sdpa"), tiny_llama("sdpa")
+    got = apply_cpu_kernels(model, "auto")
+    ms = got["auto"]["forward_ms"]
+    assert set(ms) == {"stock", "onednn"} and all(set(v) == {1, 2, 3, 4, 5, 6, 8} for v in ms.values())
+    assert all(t > 0 for v in ms.values() for t in v.values())
+    assert got["kernels"] == faster_kernel(ms) == got["auto"]["kernels"]
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    # the model runs what was chosen, and holds reordered copies only when oneDNN was
+    assert got["swapped"] == _swapped(model) == (linears if got["kernels"] == "onednn" else 0)
+    assert hasattr(model.lm_head, "_onednn_weight") == (got["kernels"] == "onednn")
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=1e-4, rtol=1e-4)
+    # where oneDNN cannot run the model, stock without timing anything
+    assert apply_cpu_kernels(tiny_llama("sdpa").to(torch.bfloat16), "auto") == {"kernels": "stock", "swapped": 0}
