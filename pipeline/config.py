@@ -104,6 +104,10 @@ class DrafterConfig:
     # Gemma, gpt-oss: a full-vocabulary head would cost more than a small base model), else full
     draft_vocab_size: int = -1
     head: str = "redrafter"  # the draft head type (pipeline/heads.py HEAD_TYPES)
+    # the output layer's starting point: random | base_head = the base model's output embedding rows of the
+    # drafter's vocabulary, read through an identity projection of h, so training starts from the base
+    # model's own read-out (Medusa's head init); needs exit_dim = hidden_size (docs/design.md §1)
+    init: str = "random"
 
 
 LARGE_VOCAB, AUTO_DRAFT_VOCAB = 65_536, 32_768
@@ -114,7 +118,7 @@ ADDED_LATER = {
     "teacher": {"responses": "generate", "engine": "hf"},
     "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0,
              "cpu_kernels": "stock"},
-    "drafter": {"head": "redrafter"},
+    "drafter": {"head": "redrafter", "init": "random"},
     "data": {"max_turn": 0},  # a prompt source (data.train, data.eval)
 }
 
@@ -362,6 +366,8 @@ def _value_problems(cfg: Config) -> list[str]:
                  f"{cfg.eval.beam_width}")
     from pipeline.heads import HEAD_TYPES
 
+    if cfg.drafter.init not in ("random", "base_head"):
+        p.append(f"bad value for 'drafter.init': {cfg.drafter.init!r}; choose random or base_head")
     if cfg.drafter.head not in HEAD_TYPES:
         p.append(f"bad value for 'drafter.head': {cfg.drafter.head!r}; head types are {', '.join(HEAD_TYPES)}")
     if cfg.drafter.horizon < 2:

@@ -140,9 +140,38 @@ class Drafter(nn.Module):
 
 
 def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 0,
-                  d2t: torch.Tensor | None = None) -> Drafter:
+                  d2t: torch.Tensor | None = None, base_head_VH: torch.Tensor | None = None) -> Drafter:
+    """A new drafter. With `base_head_VH`, the base model's output embeddings, it starts as the base
+    model's own read-out (init_from_base_head)."""
     torch.manual_seed(seed)
-    return Drafter(arch, embed_weight_VH, d2t)
+    drafter = Drafter(arch, embed_weight_VH, d2t)
+    if base_head_VH is not None:
+        init_from_base_head(drafter, base_head_VH)
+    return drafter
+
+
+@torch.no_grad()
+def init_from_base_head(drafter: Drafter, base_head_VH: torch.Tensor) -> None:
+    """`drafter.init=base_head` (docs/design.md §1): input_proj = [I 0] (z = h: the state's half starts at
+    zero), the residual blocks already identity, and the output layer = the base model's output embedding
+    rows of the drafter's vocabulary (d2t). At step 0 the drafter's logits are then the base model's own
+    logits at h, restricted to its vocabulary: the distribution of the token after h, one position before
+    the drafter's targets. Training moves from that read-out instead of from noise, in the base model's
+    own feature space, as Medusa starts its heads. Needs exit_dim = hidden_size."""
+    arch = drafter.arch
+    H, V = arch.hidden_size, arch.vocab_size
+    if arch.exit_dim != H:
+        raise ValueError(f"drafter.init=base_head needs drafter.exit_dim = the base model's hidden size {H} "
+                         f"(got {arch.exit_dim}): the output layer reads the base model's features")
+    if tuple(base_head_VH.shape) != (V, H):
+        raise ValueError(f"base output embeddings have shape {tuple(base_head_VH.shape)}, expected ({V}, {H})")
+    rows = base_head_VH[drafter.d2t] if arch.draft_vocab_size else base_head_VH
+    out = drafter.lm_head[-1]
+    out.weight.copy_(rows.to(out.weight.dtype))
+    proj = drafter.input_proj  # exists: exit_dim = H != 2H
+    proj.weight.zero_()
+    proj.weight[:, :H].copy_(torch.eye(H))
+    proj.bias.zero_()
 
 
 def make_arch(vocab_size: int, hidden_size: int, exit_dim: int = 0, num_draft_layers: int = 2,

@@ -33,7 +33,7 @@ class HeadType:
     name: str
     make_arch: Callable  # (vocab_size, hidden_size, DrafterConfig) -> arch (a dataclass: arch.json)
     arch_from_dict: Callable  # arch.json fields -> arch
-    build: Callable  # (arch, embed_VH, seed, d2t) -> nn.Module
+    build: Callable  # (arch, embed_VH, seed, d2t, base_head=None) -> nn.Module; base_head: drafter.init=base_head
     loss: Callable  # (module, batch, position weights, vocab maps) -> (loss, stats)
     export: Callable  # (state, arch, out_dir) -> Path
     from_state: Callable  # (arch, state, embed_VH, dtype) -> nn.Module in eval mode
@@ -59,7 +59,8 @@ def _redrafter() -> HeadType:
 
     return HeadType(
         name="redrafter", make_arch=arch_of, arch_from_dict=lambda d: DrafterArch(**d),
-        build=lambda arch, embed, seed=0, d2t=None: build_drafter(arch, embed, seed=seed, d2t=d2t),
+        build=lambda arch, embed, seed=0, d2t=None, base_head=None: build_drafter(arch, embed, seed=seed, d2t=d2t,
+                                                                                   base_head_VH=base_head),
         loss=loss, export=export_drafter, from_state=drafter_from_state, load_export=load_exported,
         proposer=BeamProposer, chain_proposer=ChainProposer)
 

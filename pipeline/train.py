@@ -109,9 +109,11 @@ def _heldout(rows: list[int], fraction: float, seed: int) -> set[tuple[int, int]
     return set(zip(shard.tolist(), (pick - offsets[shard]).tolist()))
 
 
-def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
-    """The base model's (V, H) input embeddings in fp32. Reads only that tensor from a local safetensors
-    checkpoint when it can find it (a 70B model is not loaded per worker); else loads the model."""
+def load_embedding_table(model_cfg: ModelConfig, output: bool = False) -> torch.Tensor:
+    """The base model's (V, H) input embeddings in fp32 (output=True: its output embeddings, the lm_head
+    that drafter.init=base_head starts from; the same table where they are tied). Reads only that tensor
+    from a local safetensors checkpoint when it can find it (a 70B model is not loaded per worker); else
+    loads the model."""
     from pipeline.base_model import input_embeddings, load_base_model, read_tensors, resolve_model_path
 
     path = Path(resolve_model_path(model_cfg))
@@ -121,13 +123,15 @@ def load_embedding_table(model_cfg: ModelConfig) -> torch.Tensor:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-        weight = skeleton.get_input_embeddings().weight
+        weight = (skeleton.get_output_embeddings() if output else skeleton.get_input_embeddings()).weight
         names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
         for name in names:  # one at a time: a tied output layer is the same table, read only if needed
             table = read_tensors(path, {name: name}).get(name)
             if table is not None and tuple(table.shape) == tuple(weight.shape):
                 return table.float()
     model, _ = load_base_model(model_cfg)
+    if output:
+        return model.get_output_embeddings().weight.detach().float().cpu()
     return input_embeddings(model)
 
 
@@ -355,7 +359,8 @@ def train_worker(config: dict) -> None:
     head = head_type(dc.head)
     arch = head.make_arch(manifest["vocab_size"], manifest["hidden_size"], dc)
     d2t = torch.tensor(config["draft_vocab"]["d2t"]) if arch.draft_vocab_size else None
-    drafter = head.build(arch, load_embedding_table(config["model_cfg"]), seed, d2t)
+    base_head = load_embedding_table(config["model_cfg"], output=True) if dc.init == "base_head" else None
+    drafter = head.build(arch, load_embedding_table(config["model_cfg"]), seed, d2t, base_head=base_head)
     engine = init_engine(drafter, tc, world, total_steps=max(planned, stop))  # max_steps does not rescale the lr
     K, weights = arch.horizon - 1, position_weights(arch.horizon - 1, tc.position_weight_decay)
     maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)

@@ -165,6 +165,7 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
             at_old = hashed_settings({**defaults, key: old}, ADDED_LATER[section])
             assert key not in at_old
             other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa",
-                     "static_step": "on", "hybrid_lookup_length": 10, "max_turn": 1, "cpu_kernels": "onednn"}[key]
+                     "static_step": "on", "hybrid_lookup_length": 10, "max_turn": 1, "cpu_kernels": "onednn",
+                     "init": "base_head"}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

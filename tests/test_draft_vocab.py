@@ -244,3 +244,33 @@ def test_export_roundtrip_draft_vocab(tmp_path):
     h, tokens = torch.randn(4, H), torch.randint(0, Vb, (4, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(h, tokens), ref(h, tokens), atol=0, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n", [0, 40])
+def test_base_head_init_starts_from_the_base_models_read_out(n):
+    """drafter.init=base_head: at step 0 the drafter's logits are the base model's own logits at h (over
+    its vocabulary), whatever the tokens drafted so far; training then moves every weight."""
+    model = tiny_llama("sdpa")  # untied: the output embeddings are not the input table
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert not torch.equal(embed, head)
+    H = model.config.hidden_size
+    d2t = torch.randperm(V, generator=torch.Generator().manual_seed(3))[:n].sort().values if n else None
+    arch = make_arch(V, H, exit_dim=H, horizon=4, draft_vocab_size=n)
+    drafter = build_drafter(arch, embed, seed=0, d2t=d2t, base_head_VH=head)
+    ids = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(4))
+    out = model(ids, output_hidden_states=True)
+    h = out.hidden_states[-1][:, -1]  # the teacher's h: the last layer after the final norm
+    base = out.logits[:, -1]
+    logits = drafter(h, torch.randint(3, V, (3, 4), generator=torch.Generator().manual_seed(5)))
+    want = base[:, d2t] if n else base
+    for i in range(4):
+        torch.testing.assert_close(logits[:, i], want, atol=1e-4, rtol=1e-4)
+    # the random init is not that, and the init needs the base model's width
+    assert not torch.allclose(build_drafter(arch, embed, seed=0, d2t=d2t)(h, ids[:, :4])[:, 0], want, atol=1e-2)
+    with pytest.raises(ValueError, match="needs drafter.exit_dim = the base model's hidden size 64"):
+        build_drafter(make_arch(V, H, exit_dim=32, draft_vocab_size=n), embed, d2t=d2t, base_head_VH=head)
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="bad value for 'drafter.init': 'medusa'; choose random or base_head"):
+        load_config(["recipe=tiny", "drafter.init=medusa"])

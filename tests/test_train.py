@@ -190,6 +190,9 @@ def test_embedding_table_is_read_without_loading_the_model(tiny_model_dir, tmp_p
     monkeypatch.setattr(pipeline.base_model, "load_base_model", lambda *a, **k: pytest.fail("loaded the full model"))
     torch.testing.assert_close(load_embedding_table(ModelConfig(base_model=str(model_dir))), expected,
                                rtol=0, atol=0)
+    # the output embeddings (drafter.init=base_head) the same way, tied or not
+    torch.testing.assert_close(load_embedding_table(ModelConfig(base_model=str(model_dir)), output=True),
+                               model.get_output_embeddings().weight.detach(), rtol=0, atol=0)
 
 
 def test_data_split_and_order_are_deterministic(teacher_dir):
