@@ -86,7 +86,7 @@ def use_stock_linears(model, keep: bool = False) -> int:
     return restored
 
 
-def faster_kernel(ms: dict[str, dict[int, float]]) -> str:
+def faster_kernel(ms: dict[str, dict[str, float]]) -> str:
     """The kernel whose verify forwards cost least in all: the sum over the timed query counts of the
     median milliseconds (a plain step is the 1-token forward, a speculative step one of the others)."""
     return min(ms, key=lambda k: sum(ms[k].values()))
@@ -98,7 +98,7 @@ def choose_kernels(model, queries: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8), cont
     """Time the decoder's verify forward (eval/forward_cost.py) over `queries` tokens after `context`
     cached ones with the stock and the oneDNN linears, in interleaved rounds (each kernel runs every
     shape once per round, after one untimed warm-up round), and leave the model on the faster:
-    {"kernels": the choice, "forward_ms": {kernel: {q: median ms}}}. The model must be able to run
+    {"kernels": the choice, "forward_ms": {kernel: {str(q): median ms}}}. The model must be able to run
     oneDNN (onednn_available)."""
     from eval.forward_cost import forward_runner  # forward_cost imports this module
 
@@ -115,7 +115,8 @@ def choose_kernels(model, queries: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8), cont
                 run()
                 if r:
                     shapes[q].append(1e3 * (time.perf_counter() - t))
-    ms = {k: {q: round(statistics.median(ts), 2) for q, ts in shapes.items()} for k, shapes in times.items()}
+    # query counts as strings: the record is JSON, and it must read back as it was written
+    ms = {k: {str(q): round(statistics.median(ts), 2) for q, ts in shapes.items()} for k, shapes in times.items()}
     choice = faster_kernel(ms)
     if choice == "onednn":
         use_onednn_linears(model)

@@ -318,14 +318,22 @@ def preflight(cfg: Config) -> tuple:
 
 def settings_problems(cfg: Config, text_config, train_prompts: list | None = None) -> list[str]:
     """Settings checked against the base model's config (and the training prompts, when the teacher stage
-    runs), before any work: the teacher's own checks (pipeline/teacher.py) and workers vs shards."""
+    runs), before any work: the drafter's start, the teacher's own checks (pipeline/teacher.py) and workers
+    vs shards."""
     import math
 
     from pipeline import teacher
 
+    problems = []
+    H = text_config.hidden_size
+    exit_dim = cfg.drafter.exit_dim or 2 * H  # 0 means the reference's 2H
+    if "train" in cfg.run.stages and cfg.drafter.init == "base_head" and exit_dim != H:
+        problems.append(f"drafter.init=base_head starts the drafter's output layer from the base model's read-out, so "
+                        f"drafter.exit_dim must be its hidden size {H} (got {exit_dim}): set drafter.exit_dim={H} "
+                        "or drafter.init=random")
     if not train_prompts:
-        return []
-    problems = teacher.settings_problems(cfg.teacher, text_config, train_prompts)
+        return problems
+    problems += teacher.settings_problems(cfg.teacher, text_config, train_prompts)
     shards = math.ceil(len(train_prompts) / cfg.teacher.shard_size)  # at most this many
     if "train" in cfg.run.stages and shards < cfg.train.num_workers:
         problems.append(f"{len(train_prompts)} training prompts make at most {shards} teacher shard(s) of "

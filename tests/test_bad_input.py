@@ -63,10 +63,13 @@ def test_warmup_longer_than_the_run_warns():
     ("teacher.max_new_tokens=500", "the longest training prompt + teacher.max_new_tokens"),
     ("teacher.shard_size=64", "make at most 1 teacher shard(s) of teacher.shard_size=64 for train.num_workers=2"),
     ("eval.max_new_tokens=505", "the longest eval prompt + eval.max_new_tokens + the beams' slots"),
+    ("drafter.init=base_head", "drafter.init=base_head starts the drafter's output layer from the base model's read-out, "
+                               "so drafter.exit_dim must be its hidden size"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, tmp_path, override, message,
                                                               ray_free):
-    """teacher.top_k, the teacher's and the eval's context, and workers vs shards: checked before Ray starts."""
+    """teacher.top_k, the teacher's and the eval's context, workers vs shards and the drafter's start: checked
+    before Ray starts."""
     from pipeline.main import run_dir_of, run_pipeline
 
     eval_file = tmp_path / "eval.jsonl"

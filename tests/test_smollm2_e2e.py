@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCALED_DOWN = [
     "recipe=smollm2", "run.name=smollm2-e2e",
     "data.train.limit=10", "teacher.max_new_tokens=16", "teacher.shard_size=5", "teacher.batch_size=5",
-    "drafter.draft_vocab_size=512", "drafter.exit_dim=128",
+    "drafter.draft_vocab_size=512",  # the recipe's 576-wide drafter, started from the base read-out
     "train.epochs=1", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
     "eval.num_prompts=3", "eval.max_new_tokens=8", "eval.repeats=1", "eval.baselines=[prompt_lookup]",
 ]
@@ -76,7 +76,7 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert config["draft_vocab_size"] == 512 and config["vocab_size"] == 49152
     with safe_open(str(export / "model.safetensors"), "pt") as f:
         assert tuple(f.get_slice("d2t").get_shape()) == (512,)
-        assert tuple(f.get_slice("lm_head.2.weight").get_shape()) == (512, 128)
+        assert tuple(f.get_slice("lm_head.2.weight").get_shape()) == (512, 576)
     lineage = json.loads((run / "export" / kind / "lineage.json").read_text())
     assert lineage["base_model_gguf"]["gguf_sha256"] == source["gguf_sha256"]
     # what a serving team receives: the card (GGUF source, draft-vocabulary caveat) and a check that passes
