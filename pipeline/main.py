@@ -79,12 +79,37 @@ def init_ray(cfg: Config) -> None:
         # Ray's State API in our workers (Ray Train's PlacementGroupCleaner polls it) finds its cluster by
         # scanning the machine, and with a second run's cluster there it fails ("Found multiple active Ray
         # instances"): pin the dashboard to a port chosen here and point the workers' State API at it.
-        port = free_port()
-        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True, include_dashboard=True,
-                 dashboard_port=port, logging_level=logging.WARNING,  # our own line below instead of Ray's INFO
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                                           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        port = start_local_ray(
+            lambda port: dict(address="local", num_cpus=cfg.run.num_cpus or None, log_to_driver=True,
+                              include_dashboard=True, dashboard_port=port,
+                              logging_level=logging.WARNING,  # our own line below instead of Ray's INFO
+                              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                                        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}))
         print(f"ray: a local cluster for this run; dashboard http://127.0.0.1:{port}", flush=True)
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def start_local_ray(options, attempts: int = RAY_START_ATTEMPTS) -> int:
+    """ray.init(**options(port)) for a new local cluster, with a free port for its dashboard; returns the port.
+    Ray gives a starting node a fixed 30 s to register its raylet, and on a 2-core machine that other work
+    keeps busy it can miss that ("The current node timed out during startup"). Nothing of the run exists yet
+    then, so the cluster is shut down and started again, up to `attempts` times, with a line each time."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        try:
+            ray.init(**options(port))
+            return port
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            ray.shutdown()
+            print(f"ray: the local cluster did not start in time ({e}); starting it again "
+                  f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

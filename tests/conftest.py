@@ -34,6 +34,9 @@ PIPELINE_MODULES = {"test_bad_input", "test_e2e", "test_failures", "test_familie
                     "test_train", "test_two_runs"}
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on a 2-core machine: one thread each, no OpenMP spinning against the other
+    # torch.compile's inductor compiles in a pool of one process per CPU by default: a burst that starved a
+    # Ray node starting on the other worker past its 30 s startup limit
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,9 +105,11 @@ def ray_local(request):
     of the last one in this session (a test that needs no cluster in this process asks for `ray_free`)."""
     import ray
 
+    from pipeline.main import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        start_local_ray(lambda port: dict(num_cpus=2, include_dashboard=False, log_to_driver=True,
+                                          runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}))
     yield
     items = request.session.items
     mine = [i for i, item in enumerate(items) if item.module is request.module]

@@ -72,3 +72,37 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_the_record(tmp_path):
     assert "Rerun the same command to resume" in err.strip().splitlines()[-1]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["stages"] == {"teacher": "interrupted"} and summary["error"]["type"] == "KeyboardInterrupt"
+
+
+def test_a_local_ray_that_misses_its_startup_limit_is_started_again(monkeypatch, capsys):
+    """Ray gives a starting node a fixed 30 s; on a busy 2-core machine it can miss them. start_local_ray
+    shuts the half-started cluster down and starts it again, with a fresh dashboard port, a line each time;
+    any other error, or the last attempt's, reaches the caller."""
+    import ray
+
+    from pipeline.main import start_local_ray
+
+    timeout = Exception("The current node timed out during startup. This could happen because ...")
+    calls, shutdowns = [], []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(len(calls)))
+
+    def init_failing(times, error=timeout):
+        def init(**options):
+            calls.append(options["dashboard_port"])
+            if len(calls) <= times:
+                raise error
+        calls.clear(), shutdowns.clear()
+        monkeypatch.setattr(ray, "init", init)
+
+    init_failing(1)
+    port = start_local_ray(lambda port: {"dashboard_port": port})
+    assert calls[-1] == port and len(calls) == 2 and shutdowns == [1]
+    assert "did not start in time" in capsys.readouterr().err
+    init_failing(3)
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_local_ray(lambda port: {"dashboard_port": port}, attempts=3)
+    assert len(calls) == 3 and shutdowns == [1, 2]
+    init_failing(1, ValueError("bad option"))
+    with pytest.raises(ValueError, match="bad option"):
+        start_local_ray(lambda port: {"dashboard_port": port})
+    assert len(calls) == 1 and shutdowns == []
