@@ -24,26 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Train propagates it from the driver to its controller and workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-# The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml). The modules that start
-# Ray clusters (in this process, through `python -m pipeline.main`, or with `ray start`, which a `ray stop`
-# ends for the whole machine), run the pipeline or share the converted SmolLM2 GGUF form one group: they run
-# one after another on one worker, in file order, exactly as without xdist. Every other module is a group of
-# its own and runs on the other worker meanwhile. `-n 0` runs everything in this process.
-PIPELINE_MODULES = {"test_bad_input", "test_e2e", "test_failures", "test_families", "test_faults", "test_gguf",
-                    "test_plan", "test_security", "test_smollm2_e2e", "test_stages", "test_support", "test_teacher",
-                    "test_train", "test_two_runs"}
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # two workers on a 2-core machine: one thread each, no OpenMP spinning against the other
-    # torch.compile's inductor compiles in a pool of one process per CPU by default: a burst that starved a
-    # Ray node starting on the other worker past its 30 s startup limit
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group("pipeline" if module in PIPELINE_MODULES else module))
-
 EOS = "<|endoftext|>"
 TOKENIZER_TEXTS = [
     "def add(a, b):\n    return a + b\n",
