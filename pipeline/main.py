@@ -98,18 +98,20 @@ def start_local_ray(options, attempts: int = RAY_START_ATTEMPTS) -> int:
     then, so the cluster is shut down and started again, up to `attempts` times, with a line each time."""
     import ray
 
-    for attempt in range(1, attempts + 1):
+    for attempt in range(2, attempts + 1):
         port = free_port()
         try:
             ray.init(**options(port))
             return port
         except Exception as e:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == attempts:
+            if "timed out during startup" not in str(e):
                 raise
             ray.shutdown()
             print(f"ray: the local cluster did not start in time ({e}); starting it again "
-                  f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+                  f"({attempt}/{attempts})", file=sys.stderr, flush=True)
+    port = free_port()  # the last attempt: its error reaches the caller
+    ray.init(**options(port))
+    return port
 
 
 def free_port() -> int:
