@@ -151,6 +151,17 @@ def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 
 
 
 @torch.no_grad()
+def base_head_width_problem(exit_dim: int, hidden_size: int) -> str | None:
+    """drafter.init=base_head copies the base model's output embeddings (hidden_size wide) into the drafter's
+    output layer, which reads exit_dim features: the two must match. The one statement of that rule, for the
+    pipeline's preflight (pipeline/main.py settings_problems) and for init_from_base_head."""
+    if exit_dim == hidden_size:
+        return None
+    return (f"drafter.init=base_head starts the drafter's output layer from the base model's read-out, so "
+            f"drafter.exit_dim must be its hidden size {hidden_size} (got {exit_dim}): set "
+            f"drafter.exit_dim={hidden_size} or drafter.init=random")
+
+
 def init_from_base_head(drafter: Drafter, base_head_VH: torch.Tensor) -> None:
     """`drafter.init=base_head` (docs/design.md §1): input_proj = [I 0] (z = h: the state's half starts at
     zero), the residual blocks already identity, and the output layer = the base model's output embedding
@@ -160,9 +171,8 @@ def init_from_base_head(drafter: Drafter, base_head_VH: torch.Tensor) -> None:
     own feature space, as Medusa starts its heads. Needs exit_dim = hidden_size."""
     arch = drafter.arch
     H, V = arch.hidden_size, arch.vocab_size
-    if arch.exit_dim != H:
-        raise ValueError(f"drafter.init=base_head needs drafter.exit_dim = the base model's hidden size {H} "
-                         f"(got {arch.exit_dim}): the output layer reads the base model's features")
+    if problem := base_head_width_problem(arch.exit_dim, H):
+        raise ValueError(problem)
     if tuple(base_head_VH.shape) != (V, H):
         raise ValueError(f"base output embeddings have shape {tuple(base_head_VH.shape)}, expected ({V}, {H})")
     rows = base_head_VH[drafter.d2t] if arch.draft_vocab_size else base_head_VH

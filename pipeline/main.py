@@ -350,14 +350,13 @@ def settings_problems(cfg: Config, text_config, train_prompts: list | None = Non
     import math
 
     from pipeline import teacher
+    from pipeline.drafter import base_head_width_problem
 
     problems = []
     H = text_config.hidden_size
     exit_dim = cfg.drafter.exit_dim or 2 * H  # 0 means the reference's 2H
-    if "train" in cfg.run.stages and cfg.drafter.init == "base_head" and exit_dim != H:
-        problems.append(f"drafter.init=base_head starts the drafter's output layer from the base model's read-out, so "
-                        f"drafter.exit_dim must be its hidden size {H} (got {exit_dim}): set drafter.exit_dim={H} "
-                        "or drafter.init=random")
+    if "train" in cfg.run.stages and cfg.drafter.init == "base_head":
+        problems += filter(None, [base_head_width_problem(exit_dim, H)])
     if not train_prompts:
         return problems
     problems += teacher.settings_problems(cfg.teacher, text_config, train_prompts)

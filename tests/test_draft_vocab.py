@@ -268,7 +268,7 @@ def test_base_head_init_starts_from_the_base_models_read_out(n):
         torch.testing.assert_close(logits[:, i], want, atol=1e-4, rtol=1e-4)
     # the random init is not that, and the init needs the base model's width
     assert not torch.allclose(build_drafter(arch, embed, seed=0, d2t=d2t)(h, ids[:, :4])[:, 0], want, atol=1e-2)
-    with pytest.raises(ValueError, match="needs drafter.exit_dim = the base model's hidden size 64"):
+    with pytest.raises(ValueError, match="so drafter.exit_dim must be its hidden size 64 \\(got 32\\)"):
         build_drafter(make_arch(V, H, exit_dim=32, draft_vocab_size=n), embed, d2t=d2t, base_head_VH=head)
     from pipeline.config import ConfigError, load_config
 

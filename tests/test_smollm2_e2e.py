@@ -29,6 +29,9 @@ SCALED_DOWN = [
     "drafter.draft_vocab_size=512",  # the recipe's 576-wide drafter, started from the base read-out
     "train.epochs=1", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
     "eval.num_prompts=3", "eval.max_new_tokens=8", "eval.repeats=1", "eval.baselines=[prompt_lookup]",
+    # the recipe's eval times torch's and oneDNN's kernels on this model first (17 s on a slow 2-core CPU);
+    # tests/test_cpu_kernels.py and the tiny end-to-end run cover that choice
+    "eval.cpu_kernels=stock",
 ]
 
 
