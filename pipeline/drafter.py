@@ -150,7 +150,6 @@ def build_drafter(arch: DrafterArch, embed_weight_VH: torch.Tensor, seed: int = 
     return drafter
 
 
-@torch.no_grad()
 def base_head_width_problem(exit_dim: int, hidden_size: int) -> str | None:
     """drafter.init=base_head copies the base model's output embeddings (hidden_size wide) into the drafter's
     output layer, which reads exit_dim features: the two must match. The one statement of that rule, for the
@@ -162,6 +161,7 @@ def base_head_width_problem(exit_dim: int, hidden_size: int) -> str | None:
             f"drafter.exit_dim={hidden_size} or drafter.init=random")
 
 
+@torch.no_grad()
 def init_from_base_head(drafter: Drafter, base_head_VH: torch.Tensor) -> None:
     """`drafter.init=base_head` (docs/design.md §1): input_proj = [I 0] (z = h: the state's half starts at
     zero), the residual blocks already identity, and the output layer = the base model's output embedding

@@ -258,6 +258,8 @@ def test_base_head_init_starts_from_the_base_models_read_out(n):
     d2t = torch.randperm(V, generator=torch.Generator().manual_seed(3))[:n].sort().values if n else None
     arch = make_arch(V, H, exit_dim=H, horizon=4, draft_vocab_size=n)
     drafter = build_drafter(arch, embed, seed=0, d2t=d2t, base_head_VH=head)
+    with torch.enable_grad():  # as the training worker builds it: the init writes under its own no_grad
+        assert all(p.requires_grad for p in build_drafter(arch, embed, seed=0, d2t=d2t, base_head_VH=head).parameters())
     ids = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(4))
     out = model(ids, output_hidden_states=True)
     h = out.hidden_states[-1][:, -1]  # the teacher's h: the last layer after the final norm
