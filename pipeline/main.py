@@ -3,6 +3,7 @@
     python -m pipeline.main recipe=tiny                         # laptop / CI: local Ray, CPU, W&B offline
     python -m pipeline.main recipe=tiny --print-config          # resolved config, then exit
     python -m pipeline.main recipe=tiny --dry-run               # validate everything, show the plan, do nothing
+    python -m pipeline.main recipe=smollm2 --estimate --budget-min 60   # the dry run, plus minutes per stage timed here
     python -m pipeline.main recipe=llama70b --plan              # GPUs, memory, data size, hours from config.json
     python -m pipeline.main recipe=tiny train.epochs=1 eval.num_prompts=8   # dotted overrides
     ray job submit -- python -m pipeline.main recipe=llama70b   # on a cluster
@@ -37,7 +38,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--dry-run", action="store_true", help="validate config, model and data; print the plan; run nothing")
     ap.add_argument("--plan", action="store_true", help="print the resource plan from the base model's config.json "
                                                         "alone (no weights, no data, no hub) and exit")
+    ap.add_argument("--estimate", action="store_true", help="the dry run, then time each stage's work on small "
+                                                            "samples on this machine and print the minutes per stage "
+                                                            "(CPU runs; pipeline/estimate.py)")
+    ap.add_argument("--budget-min", type=float, default=None, metavar="MIN",
+                    help="with --estimate: say whether the run fits MIN minutes, and which data.train.limit would")
     args = ap.parse_args(argv)
+    if args.budget_min is not None and not args.estimate:
+        ap.error("--budget-min needs --estimate")
+    if args.budget_min is not None and args.budget_min <= 0:
+        ap.error(f"--budget-min must be positive minutes (got {args.budget_min:g})")
+    args.dry_run = args.dry_run or args.estimate
     return args, args.overrides
 
 
@@ -45,9 +56,10 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).resolve() / cfg.run.name
 
 
-def dry_run(cfg: Config, run_dir: Path) -> int:
+def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: float | None = None) -> int:
     """Check what can be checked without doing the work: model + tokenizer load, prompts load, and what
-    each stage would do with the outputs already in the run directory. 2 when a stage would be refused."""
+    each stage would do with the outputs already in the run directory. 2 when a stage would be refused.
+    `estimate`: then time the stages' work on this machine (pipeline/estimate.py) and print the minutes."""
     from pipeline.plan import plan_stages, refusals
 
     # the same checks as a real run (architecture, settings vs the model, contexts): raises
@@ -59,10 +71,20 @@ def dry_run(cfg: Config, run_dir: Path) -> int:
     plans = plan_stages(cfg, run_dir)
     for plan in plans:
         print(plan.line())
-    print(f"outputs: {run_dir}\ndry run: nothing was run")
+    print(f"outputs: {run_dir}")
     if refusals(plans):
+        print("dry run: nothing was run")
         print("error: the run would be refused (see REFUSED above)", file=sys.stderr)
         return 2
+    if estimate:
+        from pipeline import estimate as est
+
+        problem = est.estimate_problem(cfg)
+        if problem:
+            raise ValueError(problem)
+        estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plans)
+        print(est.report(cfg, estimates, prompts, budget_min))
+    print("dry run: nothing was run")
     return 0
 
 
@@ -153,7 +175,7 @@ def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
             print(resource_plan(cfg, load_model_config(cfg.model)).text())
             return 0
         if args.dry_run:
-            return dry_run(cfg, run_dir)
+            return dry_run(cfg, run_dir, args.estimate, args.budget_min)
         summary = run_pipeline(cfg, run_dir)
     except ValueError as e:  # user errors: bad model path, bad data, mismatched inputs
         print(f"error: {e}", file=sys.stderr)

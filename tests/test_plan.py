@@ -7,6 +7,7 @@ before Ray starts or anything in the run directory is overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -187,3 +188,75 @@ def test_repaired_teacher_data_keeps_the_training_inputs(teacher_run):
         train_inputs(repaired, DrafterConfig(), TrainConfig(), 0))
     other = {**manifest, "shards": manifest["shards"][:-1]}  # what the data IS does count
     assert train_inputs(other, DrafterConfig(), TrainConfig(), 0) != a
+
+
+# --- the estimate (--estimate, pipeline/estimate.py): the stages' work timed on this machine ---
+
+def _minutes(out: str) -> dict[str, float]:
+    return {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+            if line.startswith("  ") and len(line.split()) > 2 and line.split()[2] == "min"}
+
+
+def test_estimate_times_the_stages_a_run_will_run_and_skips_the_reused_teacher(teacher_run, tiny_model_dir, tmp_path,
+                                                                               capsys):
+    from pipeline import estimate as est
+    from pipeline.base_model import load_tokenizer
+    from pipeline.train import TeacherData
+
+    eval_file = tmp_path / "eval.jsonl"  # short eval prompts: the tiny model has 512 positions
+    eval_file.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n"
+                                 for i, p in enumerate(["def add(a, b):\n", "class Stack:\n", "for i in range(3):\n"])))
+    extra = (f"data.eval.path={eval_file}", "data.eval.split=train", "eval.num_prompts=3", "eval.max_new_tokens=8",
+             "train.epochs=2", "train.num_workers=1", "train.batch_size=2")
+    # a fresh directory: all three stages, each timed; the budget line says whether it fits
+    fresh = tmp_path / "fresh"
+    assert pm.main(_argv(tiny_model_dir, fresh, *extra, "--estimate", "--budget-min", "600")) == 0
+    out = capsys.readouterr().out
+    minutes = _minutes(out)
+    assert set(minutes) == {"teacher", "train", "eval", "total"}, out
+    assert minutes["total"] >= 3.0 and "fits the budget of 600 min" in out  # the total counts 3 min of start-up
+    assert "dry run: nothing was run" in out and not fresh.exists()  # an estimate writes nothing
+    # the teacher already ran there: reused, so not timed; train and eval are
+    cfg = load_config(_argv(tiny_model_dir, teacher_run, *extra))
+    plans = plan_stages(cfg, pm.run_dir_of(cfg))
+    estimates, prompts = est.estimate_run(cfg, load_tokenizer(cfg.model), None, plans)
+    by_stage = {e.stage: e for e in estimates}
+    assert set(by_stage) == {"train"} and prompts == 6  # no eval prompts given: no eval estimate
+    assert by_stage["train"].seconds > 0
+    # the counts are the real run's: the teacher recorded at most the positions the estimate bounds
+    # (generated replies), and the training stage's own split gives the estimate's steps
+    manifest = json.loads((teacher_run / "r" / "teacher" / "manifest.json").read_text())
+    teacher, _, _ = est.estimate_teacher(cfg, load_tokenizer(cfg.model))
+    assert manifest["num_tokens"] + manifest["num_sequences"] <= teacher.count == 6 * (4 + 1)
+    data = TeacherData(teacher_run / "r" / "teacher", manifest, cfg.train.batch_size, cfg.train.heldout_fraction,
+                       cfg.run.seed, 0, 1)
+    assert by_stage["train"].count == 2 * data.steps_per_epoch > 0
+
+
+def test_an_estimate_over_budget_names_the_limit_that_fits(capsys):
+    from pipeline.estimate import StageEstimate, fitting_limit, report
+
+    stages = [StageEstimate("teacher", 1800, "", True), StageEstimate("train", 600, "", True),
+              StageEstimate("eval", 1200, "", False)]
+    # 60 min = 60 s start-up + 1200 s eval + 2340 s for data: 1000 prompts x 2340 / 2400
+    assert fitting_limit(stages, 1000, 3600, 60) == 975
+    assert fitting_limit(stages, 1000, 1200, 60) == 0  # the eval alone is over
+    cfg = load_config(["recipe=tiny"])
+    text = report(cfg, stages, 1000, 60)
+    # 3600 s - 180 s of start-up - 1200 s of eval = 2220 s for data: 1000 prompts x 2220 / 2400
+    assert "total      63.0 min" in text and "data.train.limit=925 (of 1000 prompts) would fit" in text
+    assert "lower eval.num_prompts" in report(cfg, stages, 1000, 20)
+    assert "fits the budget of 90 min" in report(cfg, stages, 1000, 90)
+
+
+def test_estimate_refusals(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pm.main(_argv(tiny_model_dir, tmp_path, "--budget-min", "60"))  # without --estimate
+    assert e.value.code == 2 and "--budget-min needs --estimate" in capsys.readouterr().err
+    from pipeline.estimate import estimate_problem
+
+    cfg = load_config(_argv(tiny_model_dir, tmp_path))
+    assert estimate_problem(cfg) is None
+    for change in ({"eval": dataclasses.replace(cfg.eval, device="cuda")},
+                   {"teacher": dataclasses.replace(cfg.teacher, gpus_per_actor=1)}):
+        assert "use --plan" in estimate_problem(dataclasses.replace(cfg, **change))

@@ -1,0 +1,279 @@
+"""How long a run's stages will take on this machine, timed before anything runs.
+
+    python -m pipeline.main recipe=smollm2 --dry-run --estimate                 # minutes per stage
+    python -m pipeline.main recipe=smollm2 --dry-run --estimate --budget-min 60 # and what fits an hour
+
+The recipes are sized for one CPU, and the same recipe took 51 minutes on one 2-core machine of this
+repo's pool and would take well over an hour on another (README: "What it reaches"). So the dry run can
+time the run's own code on small samples, with the run's model, settings and thread counts, and scale:
+
+- teacher: `TeacherWorker.records` (what an actor does per shard, minus the write) over one batch of
+  training prompts, cut from a shard as an actor cuts it, drawn with the run's seed. With corpus replies
+  the time per padded token (batch x longest prompt + reply) of that batch, times the padded tokens of
+  every batch the actors will run (exact counts). With generated replies, recorded positions per second
+  on replies of at most 32 tokens, times an upper bound (every reply its full `teacher.max_new_tokens`).
+  Actors run side by side.
+- train: a drafter of the run's shape, built as a training worker builds it, trained for a few timed
+  steps of `train.batch_size` sampled sequences (the teacher records above) with the run's loss, AdamW and
+  precision on `train.cpus_per_worker` threads -> seconds per step; the step count is the stage's own
+  (epochs x sequences per worker / batch size). Workers run side by side; their gradient all-reduce,
+  DeepSpeed and the checkpoints are not timed.
+- eval: plain greedy decoding and each training-free baseline on `eval.batch_size` eval prompts for up to
+  32 new tokens -> seconds per new token of each; the drafter's methods (redrafter, hybrid, incumbent)
+  are counted at plain decoding's cost, since the drafter does not exist yet. Every method decodes
+  every eval prompt once per repeat plus one warm-up batch, on torch's stock kernels (`eval.cpu_kernels=auto`
+  only ever picks a faster kernel). The eval's fixed costs (kernel and beam-length timing, turn-2 answers,
+  the profile) are not timed.
+
+What no stage times (Ray's start-up, the model loads, the training workers' start, DeepSpeed, checkpoints,
+the eval's kernel and beam-length timing and its profile) is a fixed allowance of 3 minutes, measured
+beside the timed stages on a 2-core CPU. A stage the plan
+reuses costs nothing. The figures are what this machine measures now: on a busy machine they
+are slower than a quiet run would be.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.plan import REUSE, StagePlan
+
+SAMPLE_TOKENS = 32  # new tokens per timed decode (generation in the teacher, every method in the eval)
+TRAIN_STEPS = 3  # timed training steps, after one untimed
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    seconds: float
+    detail: str
+    scales_with_prompts: bool  # teacher and train grow with data.train.limit; the eval does not
+    count: int = 0  # teacher: positions to record (an upper bound for generated replies); train: steps; eval: decodes
+
+
+def estimate_problem(cfg: Config) -> str | None:
+    """None when this machine can time the run's stages, else why not (GPU runs: use --plan)."""
+    if cfg.eval.device != "cpu" or cfg.teacher.gpus_per_actor or cfg.teacher.stages > 1:
+        return ("--estimate times the stages on this machine's CPU; this run uses GPUs or a split teacher "
+                "(use --plan for a cluster's resource plan)")
+    return None
+
+
+def _timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
+    """The teacher stage's seconds, the timed sample's records (the training estimate's data) and the
+    number of training prompts (as the teacher stage filters them: pipeline/teacher.py training_prompts)."""
+    from pipeline.teacher import TeacherWorker, cut_response, training_prompts
+
+    train_prompts, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses)
+
+    corpus = cfg.teacher.responses == "corpus"
+    teacher_cfg = cfg.teacher if corpus else _with(cfg.teacher, max_new_tokens=min(cfg.teacher.max_new_tokens,
+                                                                                   SAMPLE_TOKENS))
+    worker = TeacherWorker(cfg.model, teacher_cfg, "/nonexistent", tokenizer.eos_token_id, tokenizer.pad_token_id,
+                           cfg.run.seed)
+    items = [{"id": p.id, "input_ids": p.input_ids, **({"reply_ids": p.reply_ids} if corpus else {})}
+             for p in train_prompts]
+    # one batch as an actor makes them: a shard of teacher.shard_size prompts in the teacher's order, cut into
+    # length-sorted batches
+    rng = random.Random(cfg.run.seed)
+    size = cfg.teacher.shard_size
+    shards = [items[start:start + size] for start in range(0, len(items), size)]
+    shard = rng.choice(shards)
+    sample = [shard[i] for i in rng.choice(worker.batches(shard))]
+    worker.records(sample[:2])  # warm-up, untimed
+    seconds, records = _timed(lambda: worker.records(sample))
+    actors = max(1, cfg.teacher.num_actors)
+    if corpus:
+        # A recording pass is one forward over the batch padded to its longest prompt + reply, and its time
+        # follows those padded tokens, whatever the batch (SmolLM2, 2-core AMD EPYC: 3.6-4.0 ms per padded
+        # token over batches whose recorded positions per second ranged 74-199); so the sample's cost per
+        # padded token times the padded tokens of every batch the actors will run.
+        def reply(p):
+            return cut_response(p["reply_ids"], worker.eos_ids, cfg.teacher.max_new_tokens)
+
+        def padded(batch: list[dict]) -> int:
+            return len(batch) * max(len(p["input_ids"]) + len(reply(p)) for p in batch)
+
+        all_padded = sum(padded([sh[i] for i in batch]) for sh in shards for batch in worker.batches(sh))
+        positions = sum(len(reply(p)) + 1 for p in items)
+        total = all_padded * seconds / padded(sample) / actors
+        what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded:,} padded tokens"
+    else:
+        rate = sum(len(r.tokens) for r in records) / seconds
+        positions = len(items) * (cfg.teacher.max_new_tokens + 1)
+        what = f"at most {positions:,} positions ({len(items):,} prompts x {cfg.teacher.max_new_tokens} new tokens)"
+        total = positions / (rate * actors)
+    return (StageEstimate("teacher", total, f"{what}: {positions / total / actors:,.0f}/s per actor x {actors} "
+                                            "actor(s)", True,
+                          positions), records, len(items))
+
+
+def _with(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def train_steps(cfg: Config, num_sequences: int) -> int:
+    """The training stage's step count for this many teacher sequences, from the split the training stage
+    itself makes (pipeline/train.py TeacherData over shards of teacher.shard_size rows: held-out rows
+    aside, whole shards per worker, batches of train.batch_size); ValueError where it would refuse."""
+    import warnings
+
+    from pipeline.train import TeacherData
+
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    size = cfg.teacher.shard_size
+    shards = [{"rows": min(size, num_sequences - start)} for start in range(0, num_sequences, size)]
+    with warnings.catch_warnings():  # the training stage warns about skipped sequences itself
+        warnings.simplefilter("ignore")
+        data = TeacherData(Path("/nonexistent"), {"shards": shards}, cfg.train.batch_size, cfg.train.heldout_fraction,
+                           cfg.run.seed, 0, max(1, cfg.train.num_workers))
+    return cfg.train.epochs * data.steps_per_epoch
+
+
+def estimate_train(cfg: Config, records: list, num_sequences: int) -> StageEstimate:
+    from pipeline.config import resolve_drafter
+    from pipeline.heads import head_type
+    from pipeline.loss import make_batch, position_weights
+    from pipeline.train import load_embedding_table, vocab_maps
+
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))  # estimate_run restores the caller's
+    embed = load_embedding_table(cfg.model)
+    dc = resolve_drafter(cfg.drafter, embed.shape[0])
+    head = head_type(dc.head)
+    arch = head.make_arch(embed.shape[0], embed.shape[1], dc)
+    d2t = None
+    if arch.draft_vocab_size:  # the most frequent tokens of the sample, then the lowest other ids
+        seen = torch.cat([torch.as_tensor(r.tokens) for r in records]).bincount(minlength=arch.vocab_size)
+        d2t = seen.argsort(descending=True, stable=True)[:arch.draft_vocab_size].sort().values
+    base_head = load_embedding_table(cfg.model, output=True) if dc.init == "base_head" else None
+    drafter = head.build(arch, embed, cfg.run.seed, d2t, base_head=base_head)
+    if cfg.train.precision == "bf16":
+        drafter = drafter.to(torch.bfloat16)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    K = arch.horizon - 1
+    weights = position_weights(K, cfg.train.position_weight_decay)
+    maps = vocab_maps(d2t, arch.vocab_size, "cpu", cfg.train.objective)
+    rng = random.Random(cfg.run.seed)
+
+    def step():
+        batch = make_batch(rng.choices(records, k=cfg.train.batch_size), K)
+        loss, _ = head.loss(drafter, batch, weights, maps)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up, untimed
+    per_step = sorted(_timed(step)[0] for _ in range(TRAIN_STEPS))[TRAIN_STEPS // 2]
+    steps = train_steps(cfg, num_sequences)
+    return StageEstimate("train", steps * per_step,
+                         f"{steps:,} steps x {per_step:.2f} s ({cfg.train.num_workers} worker(s) side by side, "
+                         f"{cfg.train.batch_size} sequences each, {cfg.train.precision})", True, steps)
+
+
+def estimate_eval(cfg: Config, eval_prompts: list) -> StageEstimate:
+    from eval.baselines import lookahead_generate, prompt_lookup_generate
+    from eval.decoder import plain_greedy
+    from pipeline.base_model import load_base_model, load_tokenizer
+
+    if cfg.eval.num_threads:  # estimate_run restores the caller's
+        torch.set_num_threads(cfg.eval.num_threads)
+    model, _ = load_base_model(cfg.model, dtype=cfg.eval.dtype)
+    eos = load_tokenizer(cfg.model).eos_token_id
+    n = min(cfg.eval.max_new_tokens, SAMPLE_TOKENS)
+    batch = [p.input_ids for p in eval_prompts[:cfg.eval.batch_size]]
+    decoders = {"plain": lambda: plain_greedy(model, batch, n, eos)}
+    baselines = {"prompt_lookup": prompt_lookup_generate, "lookahead": lookahead_generate}
+    for name in cfg.eval.baselines:
+        if name in baselines:
+            decoders[name] = lambda f=baselines[name]: f(model, batch, n, eos)
+    per_token = {}
+    for name, decode in decoders.items():
+        decode()  # warm-up, untimed
+        seconds, result = _timed(decode)
+        per_token[name] = seconds / max(1, max(len(t) for t in result.tokens))
+    drafted = ["redrafter"] + (["hybrid"] if cfg.eval.hybrid_ngram else [])
+    costs = {**{m: per_token["plain"] for m in drafted}, **per_token}
+    batches = math.ceil(len(eval_prompts) / cfg.eval.batch_size)
+    passes = cfg.eval.repeats * batches + 1  # every repeat decodes every batch; one warm-up batch
+    total = passes * cfg.eval.max_new_tokens * sum(costs.values())
+    rates = ", ".join(f"{m} {cfg.eval.batch_size / s:.1f}" for m, s in per_token.items())
+    return StageEstimate("eval", total, f"{len(costs)} methods x {passes} batch decodes x {cfg.eval.max_new_tokens} "
+                                        f"new tokens; tokens/s: {rates} ({', '.join(drafted)} at plain's)", False,
+                         passes * len(costs))
+
+
+def estimate_run(cfg: Config, tokenizer, eval_prompts: list | None,
+                 plans: list[StagePlan]) -> tuple[list[StageEstimate], int]:
+    """The stages this run will run (not the ones it reuses), timed on this machine, and the number of
+    training prompts (0 when neither teacher nor train runs)."""
+    todo = {p.stage for p in plans if p.action != REUSE}
+    out, prompts = [], 0
+    threads = torch.get_num_threads()  # each stage's timing sets its own thread count
+    try:
+        if "teacher" in todo or "train" in todo:  # training is timed on the teacher sample's records
+            teacher, records, prompts = estimate_teacher(cfg, tokenizer)
+            if "teacher" in todo:
+                out.append(teacher)
+            if "train" in todo:
+                out.append(estimate_train(cfg, records, prompts))
+        if "eval" in todo and eval_prompts:
+            out.append(estimate_eval(cfg, eval_prompts))
+    finally:
+        torch.set_num_threads(threads)
+    return out, prompts
+
+
+def fitting_limit(estimates: list[StageEstimate], prompts: int, budget_s: float, fixed_s: float) -> int:
+    """The most training prompts whose stages fit `budget_s` with the ones that do not scale and `fixed_s`
+    of start-up, assuming teacher and train scale linearly with the prompt count; 0 when nothing fits."""
+    scaling = sum(e.seconds for e in estimates if e.scales_with_prompts)
+    left = budget_s - fixed_s - sum(e.seconds for e in estimates if not e.scales_with_prompts)
+    if left <= 0:
+        return 0
+    if scaling <= 0:
+        return prompts
+    return int(prompts * left / scaling)
+
+
+# What no stage times: Ray's start-up, the model loads in the driver and in every actor and worker, the training
+# workers' start, DeepSpeed and checkpoints, the eval's kernel and beam-length timing and its profile. 3 minutes
+# beside the timed stages in a scaled-down recipe=smollm2 on a 2-core AMD EPYC (README, "--estimate")
+STARTUP_S = 180.0
+
+
+def report(cfg: Config, estimates: list[StageEstimate], prompts: int, budget_min: float | None) -> str:
+    lines = ["estimate on this machine (timed just now; docs: pipeline/estimate.py):"]
+    for e in estimates:
+        lines.append(f"  {e.stage:<8}{e.seconds / 60:7.1f} min  {e.detail}")
+    total = sum(e.seconds for e in estimates) + STARTUP_S
+    lines.append(f"  {'total':<8}{total / 60:7.1f} min  (with {STARTUP_S / 60:.1f} min for start-up and what no stage times)")
+    if budget_min is not None:
+        if total <= budget_min * 60:
+            lines.append(f"  fits the budget of {budget_min:g} min")
+        else:
+            limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
+            scaling = any(e.scales_with_prompts for e in estimates)
+            if limit and scaling:
+                lines.append(f"  over the budget of {budget_min:g} min: data.train.limit={limit} (of {prompts} "
+                             "prompts) would fit")
+            else:
+                lines.append(f"  over the budget of {budget_min:g} min even without training data: lower "
+                             "eval.num_prompts or eval.max_new_tokens")
+    return "\n".join(lines)
