@@ -34,6 +34,7 @@ are slower than a quiet run would be.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -80,7 +81,7 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
     train_prompts, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses)
 
     corpus = cfg.teacher.responses == "corpus"
-    teacher_cfg = cfg.teacher if corpus else _with(cfg.teacher, max_new_tokens=min(cfg.teacher.max_new_tokens,
+    teacher_cfg = cfg.teacher if corpus else dataclasses.replace(cfg.teacher, max_new_tokens=min(cfg.teacher.max_new_tokens,
                                                                                    SAMPLE_TOKENS))
     worker = TeacherWorker(cfg.model, teacher_cfg, "/nonexistent", tokenizer.eos_token_id, tokenizer.pad_token_id,
                            cfg.run.seed)
@@ -119,12 +120,6 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
     return (StageEstimate("teacher", total, f"{what}: {positions / total / actors:,.0f}/s per actor x {actors} "
                                             "actor(s)", True,
                           positions), records, len(items))
-
-
-def _with(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def train_steps(cfg: Config, num_sequences: int) -> int:
@@ -187,15 +182,14 @@ def estimate_train(cfg: Config, records: list, num_sequences: int) -> StageEstim
                          f"{cfg.train.batch_size} sequences each, {cfg.train.precision})", True, steps)
 
 
-def estimate_eval(cfg: Config, eval_prompts: list) -> StageEstimate:
+def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEstimate:
     from eval.baselines import lookahead_generate, prompt_lookup_generate
     from eval.decoder import plain_greedy
-    from pipeline.base_model import load_base_model, load_tokenizer
+    from pipeline.base_model import load_base_model
 
     if cfg.eval.num_threads:  # estimate_run restores the caller's
         torch.set_num_threads(cfg.eval.num_threads)
     model, _ = load_base_model(cfg.model, dtype=cfg.eval.dtype)
-    eos = load_tokenizer(cfg.model).eos_token_id
     n = min(cfg.eval.max_new_tokens, SAMPLE_TOKENS)
     batch = [p.input_ids for p in eval_prompts[:cfg.eval.batch_size]]
     decoders = {"plain": lambda: plain_greedy(model, batch, n, eos)}
@@ -234,7 +228,7 @@ def estimate_run(cfg: Config, tokenizer, eval_prompts: list | None,
             if "train" in todo:
                 out.append(estimate_train(cfg, records, prompts))
         if "eval" in todo and eval_prompts:
-            out.append(estimate_eval(cfg, eval_prompts))
+            out.append(estimate_eval(cfg, eval_prompts, tokenizer.eos_token_id))
     finally:
         torch.set_num_threads(threads)
     return out, prompts
@@ -258,7 +252,7 @@ def fitting_limit(estimates: list[StageEstimate], prompts: int, budget_s: float,
 STARTUP_S = 180.0
 
 
-def report(cfg: Config, estimates: list[StageEstimate], prompts: int, budget_min: float | None) -> str:
+def report(estimates: list[StageEstimate], prompts: int, budget_min: float | None) -> str:
     lines = ["estimate on this machine (timed just now; docs: pipeline/estimate.py):"]
     for e in estimates:
         lines.append(f"  {e.stage:<8}{e.seconds / 60:7.1f} min  {e.detail}")

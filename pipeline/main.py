@@ -83,7 +83,7 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
         if problem:
             raise ValueError(problem)
         estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plans)
-        print(est.report(cfg, estimates, prompts, budget_min))
+        print(est.report(estimates, prompts, budget_min))
     print("dry run: nothing was run")
     return 0
 

@@ -241,12 +241,11 @@ def test_an_estimate_over_budget_names_the_limit_that_fits(capsys):
     # 60 min = 60 s start-up + 1200 s eval + 2340 s for data: 1000 prompts x 2340 / 2400
     assert fitting_limit(stages, 1000, 3600, 60) == 975
     assert fitting_limit(stages, 1000, 1200, 60) == 0  # the eval alone is over
-    cfg = load_config(["recipe=tiny"])
-    text = report(cfg, stages, 1000, 60)
+    text = report(stages, 1000, 60)
     # 3600 s - 180 s of start-up - 1200 s of eval = 2220 s for data: 1000 prompts x 2220 / 2400
     assert "total      63.0 min" in text and "data.train.limit=925 (of 1000 prompts) would fit" in text
-    assert "lower eval.num_prompts" in report(cfg, stages, 1000, 20)
-    assert "fits the budget of 90 min" in report(cfg, stages, 1000, 90)
+    assert "lower eval.num_prompts" in report(stages, 1000, 20)
+    assert "fits the budget of 90 min" in report(stages, 1000, 90)
 
 
 def test_estimate_refusals(tiny_model_dir, tmp_path, capsys):
