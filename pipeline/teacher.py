@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -282,6 +283,7 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
     ds.context.enable_progress_bars = False  # our bar counts shards
     finished, overlaps = {}, []
     bar = tqdm(total=total, initial=total - len(pending), desc="teacher shards", unit="shard", disable=not progress)
+    before = set(threading.enumerate())
     try:
         for row in ds.iter_rows():
             entry = {"name": str(row["name"]), "sha256": str(row["sha256"]), "rows": int(row["rows"]),
@@ -298,6 +300,7 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
                            f"{out_dir / JOURNAL} and a rerun resumes from them") from e
     finally:
         bar.close()
+        _stop_executors(set(threading.enumerate()) - before)
     import resource
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -308,6 +311,27 @@ def _generate_shards(pending: list[dict], total: int, model_cfg: ModelConfig, te
               f"{100 * sum(overlaps) / len(overlaps):.0f}% of their busy time (mean over shards; 0% = in turn)",
               flush=True)
     return finished
+
+
+def _stop_executors(threads, timeout_s: float = 60.0) -> None:
+    """Stop the Ray Data executor threads this stage started and wait until they have ended.
+
+    A Ray Data executor schedules from its own thread. When the iteration stops early (Ctrl-C, SIGTERM,
+    a failed shard), Ray Data flags the executor to stop but waits only 2 s for its thread; a thread still
+    inside a scheduling step then calls Ray after the driver's `ray.shutdown()`, and Ray's core worker
+    ends the whole process with exit code 1: the interrupted run lost its exit code and its last line.
+    After a normal end the thread has already finished and this returns at once."""
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # another Ray layout: nothing to stop by this name
+        return
+    for thread in threads:
+        if isinstance(thread, StreamingExecutor):
+            thread.shutdown(force=True)  # a no-op when Ray Data has already shut it down
+            thread.join(timeout_s)
+            if thread.is_alive():
+                warnings.warn(f"Ray Data's executor thread {thread.name} did not stop within {timeout_s:.0f} s",
+                              stacklevel=2)
 
 
 class TeacherWorker:
