@@ -88,7 +88,8 @@ def ray_local(request):
     from pipeline.main import start_local_ray
 
     if not ray.is_initialized():
-        start_local_ray(lambda port: dict(num_cpus=2, include_dashboard=False, log_to_driver=True,
+        # address="local": a new cluster of its own, never a `ray start` one that a test beside it runs
+        start_local_ray(lambda port: dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
                                           runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}))
     yield
     items = request.session.items

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,33 +36,73 @@ SHARDS = 12  # 24 prompts, 2 per shard: small shards, so that `ray job stop` lan
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A real two-node Ray cluster on this machine: a head and a second node joined with
-    `ray start --address`, one CPU each; stopped afterwards."""
+    `ray start --address`, one CPU each; afterwards its processes, and only those, are stopped."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     dash, gcs = free_port(), free_port()
+    # Each node's job agent gets a port of its own: on Ray's fixed default (52365) another Ray cluster on this
+    # machine (a developer's, another test's) holds it, and every submission fails "No available agent".
+    # Ray's sockets live in each node's temp dir and a socket path has at most 107 bytes: short dirs in /tmp,
+    # not pytest's deeper ones
+    head, node2 = (Path(tempfile.mkdtemp(prefix=f"df-{name}-")) for name in ("head", "node2"))
     try:
         start = subprocess.run(
-            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1",
+            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={head}",
+             f"--dashboard-agent-listen-port={free_port()}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert start.returncode == 0, start.stdout + start.stderr
         # Ray >= 2.5x: the head made a token (~/.ray/auth_token); a joining node must present it
         token = os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
-        # its own temp dir, as a second machine would have: two nodes unpacking the job's working_dir into
-        # one shared /tmp/ray would delete each other's copy
-        node2 = tmp_path_factory.mktemp("node2")
+        # node 2 has its own temp dir, as a second machine would have: two nodes unpacking the job's
+        # working_dir into one shared temp dir would delete each other's copy
         join = subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats",
-             f"--temp-dir={node2}"],
+             f"--temp-dir={node2}", f"--dashboard-agent-listen-port={free_port()}"],
             env={**env, "RAY_AUTH_MODE": "token"} if token else env, capture_output=True, text=True, timeout=180,
         )
         assert join.returncode == 0, join.stdout + join.stderr
         # the clients (job submit/stop, the state API) present the token too
         yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}", **({"RAY_AUTH_MODE": "token"} if token else {})}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster([head, node2], gcs)
+        for d in (head, node2):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def stop_cluster(temp_dirs: list[Path], gcs_port: int, grace_s: float = 10.0) -> None:
+    """Stop the processes of one `ray start` cluster and only those: `ray stop` would stop every Ray process
+    on the machine, the local clusters of tests running beside this one included. A cluster's processes
+    name its temp dirs or its GCS port on their command lines; the processes they started go with them."""
+    import psutil
+
+    dirs = [str(d) for d in temp_dirs]
+
+    def ours(args: list[str]) -> bool:
+        return any(d in a for a in args for d in dirs) or any(a.endswith((f":{gcs_port}", f"={gcs_port}"))
+                                                             for a in args)
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p.info["cmdline"] or [])]
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 STATE = """
