@@ -122,23 +122,26 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
                           positions), records, len(items))
 
 
-def train_steps(cfg: Config, num_sequences: int) -> int:
-    """The training stage's step count for this many teacher sequences, from the split the training stage
-    itself makes (pipeline/train.py TeacherData over shards of teacher.shard_size rows: held-out rows
-    aside, whole shards per worker, batches of train.batch_size); ValueError where it would refuse."""
+def training_split(cfg: Config, num_sequences: int):
+    """The split the training stage will make of this many teacher sequences (pipeline/train.py TeacherData
+    over shards of teacher.shard_size rows: held-out rows aside, whole shards per worker, batches of
+    train.batch_size), computed without the data; ValueError where the training stage would refuse it."""
     import warnings
 
     from pipeline.train import TeacherData
 
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
     size = cfg.teacher.shard_size
     shards = [{"rows": min(size, num_sequences - start)} for start in range(0, num_sequences, size)]
     with warnings.catch_warnings():  # the training stage warns about skipped sequences itself
         warnings.simplefilter("ignore")
-        data = TeacherData(Path("/nonexistent"), {"shards": shards}, cfg.train.batch_size, cfg.train.heldout_fraction,
-                           cfg.run.seed, 0, max(1, cfg.train.num_workers))
-    return cfg.train.epochs * data.steps_per_epoch
+        return TeacherData(Path("/nonexistent"), {"shards": shards}, cfg.train.batch_size,
+                           cfg.train.heldout_fraction, cfg.run.seed, 0, max(1, cfg.train.num_workers))
+
+
+def train_steps(cfg: Config, num_sequences: int) -> int:
+    """The training stage's step count for this many teacher sequences (ValueError where it would refuse)."""
+    data = training_split(cfg, num_sequences)
+    return cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch
 
 
 def estimate_train(cfg: Config, records: list, num_sequences: int) -> StageEstimate:

@@ -387,6 +387,15 @@ def settings_problems(cfg: Config, text_config, train_prompts: list | None = Non
         problems.append(f"{len(train_prompts)} training prompts make at most {shards} teacher shard(s) of "
                         f"teacher.shard_size={cfg.teacher.shard_size} for train.num_workers={cfg.train.num_workers}: "
                         "every worker reads whole shards; lower teacher.shard_size or train.num_workers")
+    elif "train" in cfg.run.stages:  # the teacher writes one sequence per prompt: the split training will make
+        from pipeline.estimate import training_split
+
+        try:
+            training_split(cfg, len(train_prompts))
+        except ValueError as e:
+            problems.append(f"the training stage would refuse the teacher's {len(train_prompts)} sequences: {e}; "
+                            "raise data.train.limit or lower train.batch_size, train.num_workers or "
+                            "train.heldout_fraction")
     return problems
 
 

@@ -63,20 +63,22 @@ def test_warmup_longer_than_the_run_warns():
     ("teacher.max_new_tokens=500", "the longest training prompt + teacher.max_new_tokens"),
     ("teacher.shard_size=64", "make at most 1 teacher shard(s) of teacher.shard_size=64 for train.num_workers=2"),
     ("eval.max_new_tokens=505", "the longest eval prompt + eval.max_new_tokens + the beams' slots"),
+    ("train.batch_size=8", "the training stage would refuse the teacher's 6 sequences: not enough training "
+                           "sequences: the smallest worker share has 2, fewer than train.batch_size=8"),
     ("drafter.init=base_head", "drafter.init=base_head starts the drafter's output layer from the base model's read-out, "
                                "so drafter.exit_dim must be its hidden size"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_work(tiny_model_dir, tmp_path, override, message,
                                                               ray_free):
-    """teacher.top_k, the teacher's and the eval's context, workers vs shards and the drafter's start: checked
-    before Ray starts."""
+    """teacher.top_k, the teacher's and the eval's context, workers vs shards, the training split of the
+    teacher's sequences and the drafter's start: checked before Ray starts."""
     from pipeline.main import run_dir_of, run_pipeline
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n"
                                  for i, p in enumerate(["def add(a, b):\n", "class Stack:\n"])))
     cfg = load_config(["recipe=tiny", f"model.base_model={tiny_model_dir}", f"run.output_dir={tmp_path}",
-                       "data.train.limit=6", "teacher.shard_size=2", "teacher.max_new_tokens=4",
+                       "data.train.limit=6", "teacher.shard_size=2", "teacher.max_new_tokens=4", "train.batch_size=1",
                        f"data.eval.path={eval_file}", "data.eval.split=train", override])
     pattern = message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
     with pytest.raises(ValueError, match=pattern):

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("ray_free")  # pipeline.main runs in this p
 def _argv(model_dir, out_dir, *extra):
     return ["recipe=tiny", f"model.base_model={model_dir}", f"run.output_dir={out_dir}", "run.name=r",
             "tracking.mode=disabled", "run.num_cpus=2", "data.train.limit=6", "teacher.max_new_tokens=4",
-            "teacher.shard_size=2", "teacher.num_actors=1", "data.max_prompt_tokens=4096", *extra]
+            "teacher.shard_size=2", "teacher.num_actors=1", "data.max_prompt_tokens=4096",
+            "train.batch_size=1", *extra]  # 6 teacher sequences are too few for the recipe's batches of 8
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,10 @@ def test_finished_teacher_is_reused_and_later_stages_will_run(teacher_run, tiny_
     plan = _plan(tiny_model_dir, teacher_run)
     assert plan["teacher"].action == REUSE and "3 shards verified" in plan["teacher"].detail
     assert plan["train"].action == RUN and plan["eval"].action == RUN
+    # the teacher's 6 sequences are too few for the recipe's 2 workers x train.batch_size=8: the dry run says so
+    assert pm.main(_argv(tiny_model_dir, teacher_run, "run.stages=[teacher,train]", "train.batch_size=8",
+                         "--dry-run")) == 2
+    assert "the training stage would refuse the teacher's 6 sequences" in capsys.readouterr().err
     assert pm.main(_argv(tiny_model_dir, teacher_run, "run.stages=[teacher,train]", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "stage teacher: reused (3 shards verified" in out and "stage train: will run" in out
