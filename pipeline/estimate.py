@@ -10,8 +10,10 @@ time the run's own code on small samples, with the run's model, settings and thr
 - teacher: `TeacherWorker.records` (what an actor does per shard, minus the write) over one batch of
   training prompts, cut from a shard as an actor cuts it, drawn with the run's seed. With corpus replies
   the time per padded token (batch x longest prompt + reply) of that batch, times the padded tokens of
-  every batch the actors will run (exact counts). With generated replies, recorded positions per second
-  on replies of at most 32 tokens, times an upper bound (every reply its full `teacher.max_new_tokens`).
+  every batch the actors will run (exact counts). With generated replies, the shard's batches with the
+  shortest and the longest prompts, each timed in parts (prefill, decoding steps on replies of at most
+  32 tokens, the record), give each part as a line in a batch's padded prompt tokens, applied to every
+  batch the actors will run as if every reply ran its full `teacher.max_new_tokens` (an upper bound).
   Actors run side by side.
 - train: a drafter of the run's shape, built as a training worker builds it, trained for a few timed
   steps of `train.batch_size` sampled sequences (the teacher records above) with the run's loss, AdamW and
@@ -93,11 +95,11 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
     size = cfg.teacher.shard_size
     shards = [items[start:start + size] for start in range(0, len(items), size)]
     shard = rng.choice(shards)
-    sample = [shard[i] for i in rng.choice(worker.batches(shard))]
-    worker.records(sample[:2])  # warm-up, untimed
-    seconds, records = _timed(lambda: worker.records(sample))
+    worker.records(shard[:2])  # warm-up, untimed
     actors = max(1, cfg.teacher.num_actors)
     if corpus:
+        sample = [shard[i] for i in rng.choice(worker.batches(shard))]
+        seconds, records = _timed(lambda: worker.records(sample))
         # A recording pass is one forward over the batch padded to its longest prompt + reply, and its time
         # follows those padded tokens, whatever the batch (SmolLM2, 2-core AMD EPYC: 3.6-4.0 ms per padded
         # token over batches whose recorded positions per second ranged 74-199); so the sample's cost per
@@ -113,13 +115,89 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
         total = all_padded * seconds / padded(sample) / actors
         what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded:,} padded tokens"
     else:
-        rate = sum(len(r.tokens) for r in records) / seconds
+        seconds, records = _generated_teacher_seconds(worker, shard, shards, cfg.teacher.max_new_tokens)
+        total = seconds / actors
         positions = len(items) * (cfg.teacher.max_new_tokens + 1)
         what = f"at most {positions:,} positions ({len(items):,} prompts x {cfg.teacher.max_new_tokens} new tokens)"
-        total = positions / (rate * actors)
     return (StageEstimate("teacher", total, f"{what}: {positions / total / actors:,.0f}/s per actor x {actors} "
                                             "actor(s)", True,
                           positions), records, len(items))
+
+
+def _generated_teacher_seconds(worker, shard: list[dict], shards: list[list[dict]],
+                               max_new_tokens: int) -> tuple[float, list]:
+    """Seconds for the actors' batches with generated replies, and the records of the timed samples.
+
+    A batch generates (a prefill over its left-padded prompts, then one decoding step per new token whose
+    attention reads every cached token) and is then recorded (one forward over prompt + reply, padded). On
+    real chat prompts the prompts' lengths decide most of a batch's time (SmolLM2 in bf16, 2-core AMD EPYC,
+    batches of 16, 64 new tokens: 4 s to generate and 1 s to record with 41-token prompts; 13 s and 8 s with
+    500-token ones, a decoding step 0.05 s against 0.11 s), so one batch's rate of recorded positions
+    misjudged the stage by 2x either way. So the shard's batches with the shortest and the longest prompts
+    are each timed in three parts: generation of 1 new token (the prefill), of SAMPLE_TOKENS (their
+    difference: the decoding steps) and the record. Each part is a straight line in a batch's padded prompt
+    tokens through those two points, and every batch of every shard costs its prefill + max_new_tokens steps
+    + its record on those lines: an upper bound, as if no reply ended early."""
+    cfg = worker.cfg
+
+    def generate(sample: list[dict], new_tokens: int):
+        worker.cfg = dataclasses.replace(cfg, max_new_tokens=new_tokens)
+        try:
+            return _timed(lambda: worker.responses(sample))
+        finally:
+            worker.cfg = cfg
+
+    def padded_prompts(batch: list[dict]) -> int:
+        return len(batch) * max(len(p["input_ids"]) for p in batch)
+
+    batches = worker.batches(shard)  # sorted by prompt length
+    points, records = [], []
+    for indices in {tuple(batches[0]): None, tuple(batches[-1]): None}:  # one batch when the shard has one
+        sample = [shard[i] for i in indices]
+        t_prefill, _ = generate(sample, 1)
+        t_long, replies = generate(sample, cfg.max_new_tokens)
+        steps = max(1, max(map(len, replies)) - 1)
+        chunk = {"prompt_ids": [p["id"] for p in sample], "prompts": [p["input_ids"] for p in sample],
+                 "responses": replies}
+        t_record, [recs] = _timed(lambda chunk=chunk: worker.batch_records([chunk]))
+        records += recs
+        # the record's time per padded token of prompt + reply, at the reply's full max_new_tokens later
+        per_record = t_record / (len(sample) * max(len(p["input_ids"]) + len(r) for p, r in zip(sample, replies)))
+        points.append(GenerationTiming(padded_prompts(sample), t_prefill, max(0.0, t_long - t_prefill) / steps,
+                                       per_record))
+    total = sum(generated_batch_seconds(points, padded_prompts(batch := [each[i] for i in indices]), len(batch),
+                                        max_new_tokens)
+                for each in shards for indices in worker.batches(each))
+    return total, records
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """One timed teacher batch with generated replies (`_generated_teacher_seconds`)."""
+
+    padded_prompt_tokens: int  # batch size x its longest prompt
+    prefill_s: float  # generating 1 new token
+    step_s: float  # each further decoding step
+    record_s_per_token: float  # the record's forward, per padded token of prompt + reply
+
+
+def generated_batch_seconds(points: list[GenerationTiming], padded_prompt_tokens: int, batch_size: int,
+                            max_new_tokens: int) -> float:
+    """A batch's seconds with generated replies at full length: prefill + (max_new_tokens - 1) steps + the record
+    over its padded prompt + max_new_tokens, each part on the line through the first and last timed batches in
+    padded prompt tokens (never below 0); with one timed batch, the prefill scales with the tokens and the
+    rest is taken as it is."""
+    first, last = points[0], points[-1]
+
+    def part(name: str) -> float:
+        a, b = getattr(first, name), getattr(last, name)
+        x0, x1 = first.padded_prompt_tokens, last.padded_prompt_tokens
+        if x1 == x0:
+            return a * padded_prompt_tokens / x0 if name == "prefill_s" else a
+        return max(0.0, a + (b - a) * (padded_prompt_tokens - x0) / (x1 - x0))
+
+    return (part("prefill_s") + (max_new_tokens - 1) * part("step_s")
+            + (padded_prompt_tokens + batch_size * max_new_tokens) * part("record_s_per_token"))
 
 
 def training_split(cfg: Config, num_sequences: int):

@@ -238,6 +238,25 @@ def test_estimate_times_the_stages_a_run_will_run_and_skips_the_reused_teacher(t
     assert by_stage["train"].count == 2 * data.steps_per_epoch > 0
 
 
+def test_generated_replies_are_estimated_per_batch_from_the_shortest_and_longest_timed_prompts():
+    """With generated replies a batch's time follows its padded prompt tokens (prefill, decoding steps that
+    read the cache, the record): each part lies on the line through the two timed batches."""
+    from pipeline.estimate import GenerationTiming, generated_batch_seconds
+
+    short = GenerationTiming(padded_prompt_tokens=100, prefill_s=1.0, step_s=0.05, record_s_per_token=0.001)
+    long = GenerationTiming(padded_prompt_tokens=900, prefill_s=9.0, step_s=0.13, record_s_per_token=0.002)
+    # a timed batch costs its own parts: prefill + 63 more steps + the record over 100 + 4 x 64 tokens
+    assert generated_batch_seconds([short, long], 100, 4, 64) == pytest.approx(1.0 + 63 * 0.05 + 356 * 0.001)
+    assert generated_batch_seconds([short, long], 900, 4, 64) == pytest.approx(9.0 + 63 * 0.13 + 1156 * 0.002)
+    # halfway between them, every part is halfway
+    assert generated_batch_seconds([short, long], 500, 4, 64) == pytest.approx(5.0 + 63 * 0.09 + 756 * 0.0015)
+    # longer replies cost more steps and more recorded tokens; no part goes below zero far below the line
+    assert generated_batch_seconds([short, long], 100, 4, 128) > generated_batch_seconds([short, long], 100, 4, 64)
+    assert generated_batch_seconds([long, short], 0, 4, 1) >= 0.0
+    # one timed batch (a shard of one batch): the prefill scales with the prompt tokens, the rest is as timed
+    assert generated_batch_seconds([short], 300, 4, 1) == pytest.approx(3.0 + 1 * 300 * 0.001 + 4 * 0.001)
+
+
 def test_an_estimate_over_budget_names_the_limit_that_fits(capsys):
     from pipeline.estimate import StageEstimate, fitting_limit, report
 
