@@ -32,6 +32,7 @@ from eval.speculative import SpeculativeDecoder
 from pipeline.base_model import load_base_model
 from pipeline.config import Config, load_run_config
 from pipeline.layout import RunLayout
+from pipeline.train import heldout_top1
 
 
 def parse_args(argv=None):
@@ -125,14 +126,13 @@ def main(argv=None) -> dict:
         name = d.name
         metrics = json.loads((RunLayout(d).drafter / "train_metrics.json").read_text())
         arch = json.loads((RunLayout(d).drafter / "arch.json").read_text())
-        final = metrics.get("final", {})
         r = results[name]
         entry = {
             "draft_vocab_size": arch.get("draft_vocab_size", 0), "exit_dim": arch["exit_dim"],
             "objective": metrics.get("inputs", {}).get("train", {}).get("objective", "kl"),
             "coverage": metrics.get("draft_vocab", {}).get("coverage"),
             "cost": cost_ratio(decoders[name]),
-            "heldout_top1": [final.get(f"heldout/top1_{i}") for i in range(1, arch["horizon"])],
+            "heldout_top1": heldout_top1(RunLayout(d).drafter),
             "tokens_per_step": r["tokens_per_step"], "tokens_per_s": r["tokens_per_s"], "speedup": r["speedup"],
             "speedup_ci95": r["speedup_ci95"], "speedup_per_repeat": r["speedup_per_repeat"],
             "speedup_ci95_repeats": r["speedup_ci95_repeats"], "lossless": r["lossless"],

@@ -345,18 +345,14 @@ def auto_beam_length(model, drafter_dir: Path, eval_cfg: EvalConfig, prompts: li
 
     from eval.forward_cost import choose_beam_length, expected_tau, forward_costs
 
-    path = drafter_dir / "train_metrics.json"
-    final = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
-    horizon = json.loads((drafter_dir / "arch.json").read_text())["horizon"]
-    acceptance = []
-    for i in range(1, horizon):  # up to the first position the held-out set did not reach (None / nan)
-        a = final.get(f"heldout/top1_{i}")
-        if a is None or a != a:
-            break
-        acceptance.append(float(a))
+    from pipeline.train import heldout_top1
+
+    per_position = heldout_top1(drafter_dir)
+    # up to the first position the held-out set did not reach
+    acceptance = per_position[:per_position.index(None)] if None in per_position else per_position
     if not acceptance:
-        raise ValueError(f"eval.beam_length=0 (auto) needs the drafter's held-out top-1 per draft position in {path}; "
-                         "set eval.beam_length to a number")
+        raise ValueError(f"eval.beam_length=0 (auto) needs the drafter's held-out top-1 per draft position in "
+                         f"{drafter_dir / 'train_metrics.json'}; set eval.beam_length to a number")
     context = int(statistics.median(len(p.input_ids) for p in prompts)) + eval_cfg.max_new_tokens // 2
     costs, _ = forward_costs(model, list(range(1, len(acceptance) + 2)), context, repeats=7)
     median_ms = {q: c["median"] for q, c in costs.items()}

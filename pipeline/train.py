@@ -44,6 +44,17 @@ EXECUTION_ONLY = ("cpus_per_worker", "log_every", "checkpoint_every", "max_failu
 DRAFTER_FILES = ("drafter.safetensors", "arch.json", "train_metrics.json")
 
 
+def heldout_top1(drafter_dir: Path) -> list[float | None]:
+    """A trained drafter's held-out top-1 agreement with the teacher per draft position 1 .. horizon - 1
+    (train_metrics.json's `final`), None where the held-out set had none (or no metrics file)."""
+    drafter_dir = Path(drafter_dir)
+    path = drafter_dir / "train_metrics.json"
+    final = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
+    horizon = json.loads((drafter_dir / "arch.json").read_text())["horizon"]
+    values = [final.get(f"heldout/top1_{i}") for i in range(1, horizon)]
+    return [None if v is None or v != v else float(v) for v in values]  # nan: no held-out row reached it
+
+
 class TeacherData:
     """One rank's view of the teacher shards: a deterministic held-out split of sequences, this rank's
     shards (rank-strided), a per-epoch seeded order, and batches addressed by global step (the data

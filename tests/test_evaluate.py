@@ -91,6 +91,9 @@ def test_auto_beam_length_is_chosen_on_this_device_from_the_drafters_acceptance(
         {"final": {"heldout/top1_1": 0.6, "heldout/top1_2": 0.5, "heldout/top1_3": None}}))
     short = run_eval(model_cfg, data, cfg, drafter, root / "auto-short")["beam_shape"]
     assert short["heldout_acceptance"] == [0.6, 0.5] and set(short["ideal_by_length"]) == {2, 3}
+    from pipeline.train import heldout_top1  # the one reader (eval.drafters reports it too): nan as None
+    (drafter / "train_metrics.json").write_text(json.dumps({"final": {"heldout/top1_1": 0.6, "heldout/top1_2": float("nan")}}))
+    assert heldout_top1(drafter) == [0.6] + [None] * (horizon - 2)
 
 
 def test_hybrid_is_measured_beside_the_drafter_and_off_keeps_old_records_valid(setup):
