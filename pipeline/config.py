@@ -119,6 +119,7 @@ ADDED_LATER = {
     "eval": {"hybrid_ngram": 0, "hybrid_switch": 0, "static_step": "auto", "hybrid_lookup_length": 0,
              "cpu_kernels": "stock"},
     "drafter": {"head": "redrafter", "init": "random"},
+    "train": {"anchors": "all"},
     "data": {"max_turn": 0},  # a prompt source (data.train, data.eval)
 }
 
@@ -147,6 +148,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     position_weight_decay: float = 1.0  # loss weight of draft position i is decay**(i-1)
     objective: str = "kl"  # kl: distill the teacher's top-k distribution | ce: the reference's hard-label CE
+    # all: every anchor of every teacher sequence | on_policy: draft position i of an anchor counts in the loss
+    # only where g0 .. the i-th fed token each are the teacher's argmax (the contexts greedy verification can
+    # reach; with corpus replies, the corpus's tokens often are not): docs/design.md §4
+    anchors: str = "all"
     heldout_fraction: float = 0.05
     log_every: int = 10
     checkpoint_every: int = 100
@@ -302,6 +307,7 @@ _CHOICES = {
     "teacher.engine": ("hf",),  # pipeline/teacher.py ENGINES
     "train.precision": ("fp32", "bf16", "auto"),
     "train.objective": ("kl", "ce"),
+    "train.anchors": ("all", "on_policy"),
     "eval.device": ("cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "eval.compile": ("none", "default", "reduce-overhead", "max-autotune"),

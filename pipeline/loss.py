@@ -61,6 +61,12 @@ def make_batch(seqs: list[TeacherSequence], K: int) -> dict[str, torch.Tensor]:
     flat = start[:, None] + np.minimum(local_pos, n[:, None] - 1)  # clamped into the sequence; masked anyway
     cat = {f: np.concatenate([getattr(s, f) for s in seqs])
            for f in ("tokens", "hidden", "topk_ids", "topk_logprobs", "tail_logprob")}
+    # on-policy anchors (train.anchors): every token fed to the drafter up to step i (g0 .. tokens[j+i]) is the
+    # teacher's argmax after the one before it, i.e. the path greedy decoding would have taken. A sequence's
+    # first position is never fed (local_pos >= 1), so the comparison across sequence boundaries is unused.
+    agrees = np.zeros(len(cat["tokens"]), dtype=bool)
+    agrees[1:] = cat["tokens"][1:] == cat["topk_ids"][:-1, 0]
+    on_policy = np.logical_and.accumulate(agrees[flat], axis=1) & mask
     return {
         "h_NH": torch.from_numpy(cat["hidden"][start + local_j].astype(np.float32)),
         "tokens_NK": torch.from_numpy(np.where(mask, cat["tokens"][flat], 0).astype(np.int64)),
@@ -68,6 +74,7 @@ def make_batch(seqs: list[TeacherSequence], K: int) -> dict[str, torch.Tensor]:
         "topk_logprobs_NKk": torch.from_numpy(cat["topk_logprobs"][flat].astype(np.float32)),
         "tail_logprob_NK": torch.from_numpy(cat["tail_logprob"][flat].astype(np.float32)),
         "mask_NK": torch.from_numpy(mask),
+        "on_policy_NK": torch.from_numpy(on_policy),
         "num_tokens": torch.tensor(int(lengths.sum())),
     }
 

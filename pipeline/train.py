@@ -185,7 +185,8 @@ def draft_vocabulary(teacher_dir: Path, manifest: dict, n: int) -> dict:
 
 
 def train_inputs(manifest: dict, drafter_cfg: DrafterConfig, train_cfg: TrainConfig, seed: int) -> dict:
-    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY}
+    train = hashed_settings({k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in EXECUTION_ONLY},
+                            ADDED_LATER["train"])
     # what the data IS, never when it was written: a repaired shard must not throw away training progress
     data = {k: v for k, v in manifest.items() if k != "created_at"}
     return {"teacher_manifest_hash": hash_json(data), "drafter": hashed_settings(dataclasses.asdict(drafter_cfg), ADDED_LATER["drafter"]),
@@ -387,7 +388,7 @@ def train_worker(config: dict) -> None:
     window, t0, metrics, last_ckpt = None, time.time(), {}, start
     for step in range(start, stop):
         batch = {k: v.to(engine.device) for k, v in make_batch(data.batch(step), K).items()}
-        loss, stats = head.loss(engine, batch, weights, maps)
+        loss, stats = head.loss(engine, training_anchors(batch, tc.anchors), weights, maps)
         lr = engine.get_lr()[0]  # the lr of this step (engine.step moves the schedule on)
         engine.backward(loss)
         engine.step()
@@ -467,10 +468,21 @@ def _window_metrics(window: dict, seconds: float, lr: float, step: int, steps_pe
 
 
 @torch.no_grad()
+def training_anchors(batch: dict, anchors: str) -> dict:
+    """The batch the loss sees under `train.anchors`: every anchor, or only the on-policy ones (pipeline/loss.py
+    make_batch: the fed tokens are the teacher's own greedy path), the others masked out."""
+    if anchors == "all":
+        return batch
+    if anchors == "on_policy":
+        return {**batch, "mask_NK": batch["mask_NK"] & batch["on_policy_NK"]}
+    raise ValueError(f"train.anchors must be all or on_policy, got {anchors!r}")
+
+
 def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, maps: dict | None = None) -> dict:
-    """Per-position KL and top-1 agreement on the held-out sequences, summed over ranks. Every rank runs the
-    same number of forwards (ZeRO-3 forwards are collective); a rank with fewer batches pads with a fully
-    masked one."""
+    """Per-position KL and top-1 agreement on the held-out sequences, summed over ranks, on every anchor and
+    on the on-policy ones (`heldout/on_policy_top1_i`, with their share `heldout/on_policy_share_i`): with
+    corpus replies those are the contexts greedy decoding reaches. Every rank runs the same number of forwards
+    (ZeRO-3 forwards are collective); a rank with fewer batches pads with a fully masked one."""
     import torch.distributed as dist
 
     batches = data.heldout_batches()
@@ -485,6 +497,8 @@ def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, map
         if i >= len(batches):
             batch["mask_NK"] = torch.zeros_like(batch["mask_NK"])  # padding: counts nothing
         _, stats = head.loss(engine, batch, weights, maps or {})
+        _, on_policy = head.loss(engine, training_anchors(batch, "on_policy"), weights, maps or {})
+        stats.update({f"on_policy_{k}": v for k, v in on_policy.items() if k != "kl_sum_K"})
         total = add_stats(total, stats)
     keys = sorted(total)
     flat = torch.cat([total[k].float() for k in keys])
@@ -495,6 +509,11 @@ def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, map
     present = (total["count_K"] > 0).float() * weights
     out["heldout/kl"] = float((present * kl_K).sum() / present.sum().clamp_min(1e-12))
     out["heldout/anchors"] = float(total["count_K"][0])
+    on_policy_count = total["on_policy_count_K"]
+    for i, (hits, n, all_n) in enumerate(zip(total["on_policy_top1_sum_K"].tolist(), on_policy_count.tolist(),
+                                             total["count_K"].tolist())):
+        out[f"heldout/on_policy_top1_{i + 1}"] = hits / n if n else float("nan")
+        out[f"heldout/on_policy_share_{i + 1}"] = n / all_n if all_n else float("nan")
     return out
 
 

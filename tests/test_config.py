@@ -162,12 +162,12 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
     value is hashed, so work made with it is never mistaken for the old."""
     import dataclasses
 
-    from pipeline.config import ADDED_LATER, DrafterConfig, EvalConfig, PromptSource, TeacherConfig
+    from pipeline.config import ADDED_LATER, DrafterConfig, EvalConfig, PromptSource, TeacherConfig, TrainConfig
     from pipeline.lineage import hash_json, hashed_settings
 
-    assert set(ADDED_LATER) == {"teacher", "eval", "drafter", "data"}
+    assert set(ADDED_LATER) == {"teacher", "eval", "drafter", "data", "train"}
     for section, cls in (("teacher", TeacherConfig), ("eval", EvalConfig), ("drafter", DrafterConfig),
-                         ("data", PromptSource)):
+                         ("data", PromptSource), ("train", TrainConfig)):
         defaults = dataclasses.asdict(cls())
         for key, old in ADDED_LATER[section].items():
             assert key in defaults, f"{section}.{key} is not a setting"
@@ -175,6 +175,6 @@ def test_settings_added_later_hash_as_absent_only_at_their_old_behaviour():
             assert key not in at_old
             other = {"responses": "corpus", "engine": "other", "hybrid_ngram": 3, "hybrid_switch": 2, "head": "medusa",
                      "static_step": "on", "hybrid_lookup_length": 10, "max_turn": 1, "cpu_kernels": "onednn",
-                     "init": "base_head"}[key]
+                     "init": "base_head", "anchors": "on_policy"}[key]
             changed = hashed_settings({**defaults, key: other}, ADDED_LATER[section])
             assert changed[key] == other and hash_json(changed) != hash_json(at_old)

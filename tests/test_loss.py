@@ -49,6 +49,32 @@ def test_make_batch_anchor_layout():
             assert batch["tail_logprob_NK"][row, c] == seq.tail_logprob[pos]
 
 
+def test_on_policy_anchors_follow_the_teachers_own_greedy_path():
+    """on_policy_NK[anchor j, step i]: tokens[j+1 .. j+i] each are the teacher's argmax after the token before
+    (greedy decoding could have fed them); across two sequences, never mixing them up."""
+    from pipeline.train import training_anchors
+
+    V = 9
+    # the teacher's argmax after each position: 5, 6, 7, 8, 1 (the last is never a fed token's predecessor)
+    logprobs = torch.log_softmax(torch.nn.functional.one_hot(torch.tensor([5, 6, 7, 8, 1]), V).float() * 4, -1)
+    seq = teacher_from_logprobs([0, 5, 6, 2, 8], logprobs, k=2)  # tokens 1, 2 on the path; 3 is not (2 != 7); 4 is
+    other = teacher_from_logprobs([3, 1], torch.log_softmax(torch.zeros(2, V), -1), k=2)  # a tie: argmax is id 0
+    batch = make_batch([seq, other], 3)
+    assert batch["on_policy_NK"].tolist() == [
+        [True, True, False],    # anchor 0: fed 5 (ok), 6 (ok), 2 (not 7)
+        [True, False, False],   # anchor 1: fed 6 (ok), 2 (no)
+        [False, False, False],  # anchor 2: fed 2 (no), then 8 would be on the path but follows a miss
+        [True, False, False],   # anchor 3: fed 8 (the argmax after 2), then past the end (masked)
+        [False, False, False],  # the other sequence: fed 1, the teacher's argmax after 3 is 0
+    ]
+    assert not (batch["on_policy_NK"] & ~batch["mask_NK"]).any()
+    assert training_anchors(batch, "all") is batch
+    masked = training_anchors(batch, "on_policy")
+    assert masked["mask_NK"].tolist() == batch["on_policy_NK"].tolist() and batch["mask_NK"][0].all()  # a copy
+    with pytest.raises(ValueError, match="train.anchors"):
+        training_anchors(batch, "some")
+
+
 def _logits_like_teacher(batch_seqs, logprobs, K):
     """Drafter logits equal to the teacher's full log-softmax at every (anchor, step) target position."""
     rows = []

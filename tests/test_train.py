@@ -110,6 +110,10 @@ def test_training_lowers_the_loss_and_writes_the_drafter(full_run):
     for i in (1, 2, 3):
         assert 0 <= final[f"heldout/top1_{i}"] <= 1 and final[f"heldout/kl_{i}"] >= 0
     assert final["heldout/anchors"] > 0
+    # the teacher data here are the model's own greedy continuations: every anchor is on its greedy path
+    assert [final[f"heldout/on_policy_share_{i}"] for i in (1, 2, 3)] == [1.0] * 3
+    assert [final[f"heldout/on_policy_top1_{i}"] for i in (1, 2, 3)] == \
+        pytest.approx([final[f"heldout/top1_{i}"] for i in (1, 2, 3)], rel=1e-6)
 
     checkpoints = sorted(p.name for p in (out / "ray").glob("train-*/checkpoint_*") if p.is_dir())
     assert checkpoints == ["checkpoint_0000010", "checkpoint_0000020"]
