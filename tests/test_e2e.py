@@ -72,10 +72,12 @@ def ray_cluster():
             shutil.rmtree(d, ignore_errors=True)
 
 
-def stop_cluster(temp_dirs: list[Path], gcs_port: int, grace_s: float = 10.0) -> None:
+def stop_cluster(temp_dirs: list[Path], gcs_port: int, grace_s: float = 2.0) -> None:
     """Stop the processes of one `ray start` cluster and only those: `ray stop` would stop every Ray process
     on the machine, the local clusters of tests running beside this one included. A cluster's processes
-    name its temp dirs or its GCS port on their command lines; the processes they started go with them."""
+    name its temp dirs or its GCS port on their command lines; the processes they started go with them.
+    SIGTERM, then SIGKILL after `grace_s` (as `ray stop --force`): the raylets, the GCS, the monitor and the
+    runtime-env agents were all still up 10 s after SIGTERM, so a longer grace only made the teardown wait."""
     import psutil
 
     dirs = [str(d) for d in temp_dirs]
