@@ -467,7 +467,6 @@ def _window_metrics(window: dict, seconds: float, lr: float, step: int, steps_pe
             **position_metrics(summed, "train/")}
 
 
-@torch.no_grad()
 def training_anchors(batch: dict, anchors: str) -> dict:
     """The batch the loss sees under `train.anchors`: every anchor, or only the on-policy ones (pipeline/loss.py
     make_batch: the fed tokens are the teacher's own greedy path), the others masked out."""
@@ -478,6 +477,7 @@ def training_anchors(batch: dict, anchors: str) -> dict:
     raise ValueError(f"train.anchors must be all or on_policy, got {anchors!r}")
 
 
+@torch.no_grad()
 def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, maps: dict | None = None) -> dict:
     """Per-position KL and top-1 agreement on the held-out sequences, summed over ranks, on every anchor and
     on the on-policy ones (`heldout/on_policy_top1_i`, with their share `heldout/on_policy_share_i`): with
