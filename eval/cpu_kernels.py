@@ -39,17 +39,25 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, self.out_features)
 
 
-def onednn_available(model) -> str | None:
-    """None when `use_onednn_linears` can run on this model, else why not."""
+def onednn_problem(device: str, dtype: str, compiled: bool) -> str | None:
+    """None when oneDNN linears can run on a model on `device` in `dtype` (`compiled`: under torch.compile),
+    else why not. The one statement of the conditions: for a loaded model (`onednn_available`) and for a
+    config, before any work (pipeline/config.py)."""
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (torch.backends.mkldnn)"
-    if model.device.type != "cpu":
-        return f"the model is on {model.device.type}, oneDNN linears are a CPU kernel"
-    if model.dtype != torch.float32:
-        return f"the model is {model.dtype}; the oneDNN path here is float32"
-    if getattr(model.model.forward, "_draftforge_compiled", None):  # eval/decoder.py compile_base
+    if device != "cpu":
+        return f"the model is on {device}, oneDNN linears are a CPU kernel"
+    if dtype != "float32":
+        return f"the model is {dtype}; the oneDNN path here is float32"
+    if compiled:
         return "the model is torch.compiled; oneDNN linears are for the eager model"
     return None
+
+
+def onednn_available(model) -> str | None:
+    """None when `use_onednn_linears` can run on this model, else why not."""
+    return onednn_problem(model.device.type, str(model.dtype).removeprefix("torch."),
+                          bool(getattr(model.model.forward, "_draftforge_compiled", None)))  # eval/decoder.py compile_base
 
 
 @torch.no_grad()

@@ -334,11 +334,13 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.eval.hybrid_lookup_length and (not cfg.eval.hybrid_switch or cfg.eval.hybrid_lookup_length < 2):
         p.append(f"bad value for 'eval.hybrid_lookup_length': {cfg.eval.hybrid_lookup_length}; it is the switch mode's "
                  "lookup path length (set eval.hybrid_switch) and at least 2, or 0 (the beam length)")
-    if cfg.eval.cpu_kernels == "onednn" and (cfg.eval.device != "cpu" or cfg.eval.dtype != "float32"
-                                             or cfg.eval.compile != "none"):
-        p.append(f"bad value for 'eval.cpu_kernels': onednn is a float32 CPU kernel for the eager model; it needs "
-                 f"eval.device=cpu, eval.dtype=float32 and eval.compile=none (got {cfg.eval.device}, {cfg.eval.dtype}, "
-                 f"{cfg.eval.compile})")
+    if cfg.eval.cpu_kernels == "onednn":
+        from eval.cpu_kernels import onednn_problem
+
+        why = onednn_problem(cfg.eval.device, cfg.eval.dtype, cfg.eval.compile != "none")
+        if why:
+            p.append(f"bad value for 'eval.cpu_kernels': onednn is a float32 CPU kernel for the eager model; it needs "
+                     f"eval.device=cpu, eval.dtype=float32 and eval.compile=none ({why})")
     if cfg.eval.static_step == "on" and cfg.eval.compile != "none":
         p.append(f"'eval.static_step'=on captures the whole step itself; it is not combined with "
                  f"eval.compile={cfg.eval.compile} (set one of them)")

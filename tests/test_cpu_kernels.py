@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from eval.cpu_kernels import (apply_cpu_kernels, faster_kernel, onednn_available, use_onednn_linears,
-                               use_stock_linears)
+from eval.cpu_kernels import (apply_cpu_kernels, faster_kernel, onednn_available, onednn_problem,
+                               use_onednn_linears, use_stock_linears)
 from eval.decoder import plain_greedy
 from eval.speculative import SpeculativeDecoder
 from pipeline.config import ConfigError, load_config
@@ -58,7 +58,8 @@ def test_speculative_decoding_on_onednn_linears_is_lossless():
 def test_onednn_refuses_what_it_does_not_run():
     bf16 = tiny_llama("sdpa").to(torch.bfloat16)
     assert "float32" in onednn_available(bf16)
-    with pytest.raises(ValueError, match="eval.cpu_kernels=onednn: the model is torch.bfloat16"):
+    assert "CPU kernel" in onednn_problem("cuda", "float32", False) and onednn_problem("cpu", "float32", False) is None
+    with pytest.raises(ValueError, match="eval.cpu_kernels=onednn: the model is bfloat16"):
         apply_cpu_kernels(bf16, "onednn")
     with pytest.raises(ValueError, match="choose one of stock, onednn"):
         apply_cpu_kernels(bf16, "mkl")
