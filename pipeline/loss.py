@@ -90,8 +90,9 @@ def position_weights(K: int, decay: float) -> torch.Tensor:
 def distill_loss(logits_NKV: torch.Tensor, batch: dict[str, torch.Tensor], weights_K: torch.Tensor,
                  t2d_V: torch.Tensor | None = None, d2t: torch.Tensor | None = None, objective: str = "kl",
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, stats). stats holds per-position SUMS (kl_sum_K, top1_sum_K, count_K) so that they
-    can be added over batches and ranks before dividing; see `position_metrics`. With a draft
+    """(loss, stats). stats holds per-position SUMS (kl_sum_K, top1_sum_K, count_K, and on_policy_top1_sum_K,
+    on_policy_count_K where the batch marks on-policy anchors) so that they can be added over batches and
+    ranks before dividing; see `position_metrics`. With a draft
     vocabulary, logits are over its N tokens and t2d_V / d2t map base ids <-> draft indices.
     objective "kl" minimizes the KL above; "ce" the reference's hard-label cross-entropy on the teacher's
     top-1 token (the regenerated response token, for a greedy teacher); KL is reported either way."""
@@ -137,6 +138,9 @@ def distill_loss(logits_NKV: torch.Tensor, batch: dict[str, torch.Tensor], weigh
         best = logits.argmax(-1) if d2t is None else d2t[logits.argmax(-1)]  # as a base token id
         top1_NK = (best == batch["topk_ids_NKk"][..., 0]).to(kl_NK.dtype)
         stats = {"kl_sum_K": kl_sum_K.detach(), "top1_sum_K": (top1_NK * mask).sum(0), "count_K": count_K}
+        if "on_policy_NK" in batch:  # the same sums over the on-policy anchors (make_batch), from the same logits
+            on_policy = mask * batch["on_policy_NK"].to(mask.dtype)
+            stats.update(on_policy_top1_sum_K=(top1_NK * on_policy).sum(0), on_policy_count_K=on_policy.sum(0))
     return loss, stats
 
 

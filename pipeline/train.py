@@ -496,9 +496,7 @@ def evaluate(engine, head, data: TeacherData, K: int, weights: torch.Tensor, map
         batch = {k: v.to(engine.device) for k, v in make_batch(seqs, K).items()}
         if i >= len(batches):
             batch["mask_NK"] = torch.zeros_like(batch["mask_NK"])  # padding: counts nothing
-        _, stats = head.loss(engine, batch, weights, maps or {})
-        _, on_policy = head.loss(engine, training_anchors(batch, "on_policy"), weights, maps or {})
-        stats.update({f"on_policy_{k}": v for k, v in on_policy.items() if k != "kl_sum_K"})
+        _, stats = head.loss(engine, batch, weights, maps or {})  # one forward: its stats hold the on-policy sums too
         total = add_stats(total, stats)
     keys = sorted(total)
     flat = torch.cat([total[k].float() for k in keys])

@@ -73,6 +73,13 @@ def test_on_policy_anchors_follow_the_teachers_own_greedy_path():
     assert masked["mask_NK"].tolist() == batch["on_policy_NK"].tolist() and batch["mask_NK"][0].all()  # a copy
     with pytest.raises(ValueError, match="train.anchors"):
         training_anchors(batch, "some")
+    # the loss's stats carry the on-policy sums from the same logits: equal to the sums over the masked batch
+    logits = torch.randn(5, 3, V, generator=torch.Generator().manual_seed(3))
+    logits[0, 0, 6] = logits[1, 0, 7] = 9.0  # top-1 agrees with the teacher at two on-policy anchors
+    _, stats = distill_loss(logits, batch, torch.ones(3))
+    _, alone = distill_loss(logits, masked, torch.ones(3))
+    assert torch.equal(stats["on_policy_count_K"], alone["count_K"]) and stats["on_policy_count_K"].tolist() == [3, 1, 0]
+    assert torch.equal(stats["on_policy_top1_sum_K"], alone["top1_sum_K"]) and stats["on_policy_top1_sum_K"].sum() > 0
 
 
 def _logits_like_teacher(batch_seqs, logprobs, K):
