@@ -271,6 +271,10 @@ def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEsti
     if cfg.eval.num_threads:  # estimate_run restores the caller's
         torch.set_num_threads(cfg.eval.num_threads)
     model, _ = load_base_model(cfg.model, dtype=cfg.eval.dtype)
+    if cfg.eval.device == "cpu":  # the linear layers the eval will run (auto times both kernels, as the eval does)
+        from eval.cpu_kernels import apply_cpu_kernels
+
+        kernels = apply_cpu_kernels(model, cfg.eval.cpu_kernels)["kernels"]
     n = min(cfg.eval.max_new_tokens, SAMPLE_TOKENS)
     batch = [p.input_ids for p in eval_prompts[:cfg.eval.batch_size]]
     decoders = {"plain": lambda: plain_greedy(model, batch, n, eos)}
@@ -289,8 +293,9 @@ def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEsti
     passes = cfg.eval.repeats * batches + 1  # every repeat decodes every batch; one warm-up batch
     total = passes * cfg.eval.max_new_tokens * sum(costs.values())
     rates = ", ".join(f"{m} {cfg.eval.batch_size / s:.1f}" for m, s in per_token.items())
+    on = f" on {kernels} kernels" if cfg.eval.device == "cpu" else ""
     return StageEstimate("eval", total, f"{len(costs)} methods x {passes} batch decodes x {cfg.eval.max_new_tokens} "
-                                        f"new tokens; tokens/s: {rates} ({', '.join(drafted)} at plain's)", False,
+                                        f"new tokens; tokens/s{on}: {rates} ({', '.join(drafted)} at plain's)", False,
                          passes * len(costs))
 
 
@@ -342,6 +347,10 @@ def report(estimates: list[StageEstimate], prompts: int, budget_min: float | Non
     if budget_min is not None:
         if total <= budget_min * 60:
             lines.append(f"  fits the budget of {budget_min:g} min")
+            limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
+            if prompts and limit > prompts:  # the teacher could record more in the same hour
+                lines.append(f"  the budget would take data.train.limit={limit} ({limit / prompts:.1f}x the "
+                             f"{prompts} prompts; teacher and train scaled linearly, where the source has them)")
         else:
             limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
             scaling = any(e.scales_with_prompts for e in estimates)

@@ -269,7 +269,10 @@ def test_an_estimate_over_budget_names_the_limit_that_fits(capsys):
     # 3600 s - 180 s of start-up - 1200 s of eval = 2220 s for data: 1000 prompts x 2220 / 2400
     assert "total      63.0 min" in text and "data.train.limit=925 (of 1000 prompts) would fit" in text
     assert "lower eval.num_prompts" in report(stages, 1000, 20)
-    assert "fits the budget of 90 min" in report(stages, 1000, 90)
+    under = report(stages, 1000, 90)
+    # under the budget it says how much data the rest would buy: 5400 - 180 - 1200 s = 4020 s for data
+    assert "fits the budget of 90 min" in under and "data.train.limit=1675 (1.7x the 1000 prompts" in under
+    assert "data.train.limit" not in report(stages[2:], 1000, 90)  # nothing scales with the prompts
 
 
 def test_estimate_refusals(tiny_model_dir, tmp_path, capsys):
