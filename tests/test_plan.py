@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -220,6 +221,8 @@ def test_estimate_times_the_stages_a_run_will_run_and_skips_the_reused_teacher(t
     minutes = _minutes(out)
     assert set(minutes) == {"teacher", "train", "eval", "total"}, out
     assert minutes["total"] >= 3.0 and "fits the budget of 600 min" in out  # the total counts 3 min of start-up
+    # the eval is timed on the kernels the eval will run: auto times both, as the eval does, and says which won
+    assert "cpu kernels (auto):" in out and re.search(r"tokens/s on (stock|onednn) kernels: plain", out), out
     assert "dry run: nothing was run" in out and not fresh.exists()  # an estimate writes nothing
     # the teacher already ran there: reused, so not timed; train and eval are
     cfg = load_config(_argv(tiny_model_dir, teacher_run, *extra))
