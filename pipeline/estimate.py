@@ -349,8 +349,9 @@ def report(estimates: list[StageEstimate], prompts: int, budget_min: float | Non
             lines.append(f"  fits the budget of {budget_min:g} min")
             limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
             if prompts and limit > prompts:  # the teacher could record more in the same hour
-                lines.append(f"  the budget would take data.train.limit={limit} ({limit / prompts:.1f}x the "
-                             f"{prompts} prompts; teacher and train scaled linearly, where the source has them)")
+                lines.append(f"  the budget would take about data.train.limit={limit} ({limit / prompts:.1f}x the "
+                             f"{prompts} prompts, teacher and train scaled linearly: an extrapolation, so estimate "
+                             "again at that limit, which times its own prompts)")
         else:
             limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
             scaling = any(e.scales_with_prompts for e in estimates)
