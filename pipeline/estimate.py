@@ -271,10 +271,11 @@ def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEsti
     if cfg.eval.num_threads:  # estimate_run restores the caller's
         torch.set_num_threads(cfg.eval.num_threads)
     model, _ = load_base_model(cfg.model, dtype=cfg.eval.dtype)
+    on = ""
     if cfg.eval.device == "cpu":  # the linear layers the eval will run (auto times both kernels, as the eval does)
         from eval.cpu_kernels import apply_cpu_kernels
 
-        kernels = apply_cpu_kernels(model, cfg.eval.cpu_kernels)["kernels"]
+        on = f" on {apply_cpu_kernels(model, cfg.eval.cpu_kernels)['kernels']} kernels"
     n = min(cfg.eval.max_new_tokens, SAMPLE_TOKENS)
     batch = [p.input_ids for p in eval_prompts[:cfg.eval.batch_size]]
     decoders = {"plain": lambda: plain_greedy(model, batch, n, eos)}
@@ -293,7 +294,6 @@ def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEsti
     passes = cfg.eval.repeats * batches + 1  # every repeat decodes every batch; one warm-up batch
     total = passes * cfg.eval.max_new_tokens * sum(costs.values())
     rates = ", ".join(f"{m} {cfg.eval.batch_size / s:.1f}" for m, s in per_token.items())
-    on = f" on {kernels} kernels" if cfg.eval.device == "cpu" else ""
     return StageEstimate("eval", total, f"{len(costs)} methods x {passes} batch decodes x {cfg.eval.max_new_tokens} "
                                         f"new tokens; tokens/s{on}: {rates} ({', '.join(drafted)} at plain's)", False,
                          passes * len(costs))
@@ -345,15 +345,14 @@ def report(estimates: list[StageEstimate], prompts: int, budget_min: float | Non
     total = sum(e.seconds for e in estimates) + STARTUP_S
     lines.append(f"  {'total':<8}{total / 60:7.1f} min  (with {STARTUP_S / 60:.1f} min for start-up and what no stage times)")
     if budget_min is not None:
+        limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
         if total <= budget_min * 60:
             lines.append(f"  fits the budget of {budget_min:g} min")
-            limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
             if prompts and limit > prompts:  # the teacher could record more in the same hour
                 lines.append(f"  the budget would take about data.train.limit={limit} ({limit / prompts:.1f}x the "
                              f"{prompts} prompts, teacher and train scaled linearly: an extrapolation, so estimate "
                              "again at that limit, which times its own prompts)")
         else:
-            limit = fitting_limit(estimates, prompts, budget_min * 60, STARTUP_S)
             scaling = any(e.scales_with_prompts for e in estimates)
             if limit and scaling:
                 lines.append(f"  over the budget of {budget_min:g} min: data.train.limit={limit} (of {prompts} "
