@@ -15,20 +15,21 @@ time the run's own code on small samples, with the run's model, settings and thr
   32 tokens, the record), give each part as a line in a batch's padded prompt tokens, applied to every
   batch the actors will run as if every reply ran its full `teacher.max_new_tokens` (an upper bound).
   Actors run side by side.
-- train: a drafter of the run's shape, built as a training worker builds it, trained for a few timed
-  steps of `train.batch_size` sampled sequences (the teacher records above) with the run's loss, AdamW and
-  precision on `train.cpus_per_worker` threads -> seconds per step; the step count is the stage's own
-  (epochs x sequences per worker / batch size). Workers run side by side; their gradient all-reduce,
-  DeepSpeed and the checkpoints are not timed.
+- train: the run's training workers side by side, each a process of its own with the drafter and the
+  DeepSpeed engine built as a training worker builds them (pipeline/train.py build_drafter, init_engine,
+  train_step) on a gloo group, on `train.cpus_per_worker` threads, trained for a few timed steps of
+  `train.batch_size` sequences sampled from the teacher records above -> seconds per step, all-reduce and
+  the workers' share of the cores included; the step count is the stage's own (epochs x sequences per
+  worker / batch size). Then one held-out forward and one checkpoint, times the stage's count of each.
 - eval: plain greedy decoding and each training-free baseline on `eval.batch_size` eval prompts for up to
   32 new tokens -> seconds per new token of each; the drafter's methods (redrafter, hybrid, incumbent)
   are counted at plain decoding's cost, since the drafter does not exist yet. Every method decodes
-  every eval prompt once per repeat plus one warm-up batch, on torch's stock kernels (`eval.cpu_kernels=auto`
-  only ever picks a faster kernel). The eval's fixed costs (kernel and beam-length timing, turn-2 answers,
+  every eval prompt once per repeat plus one warm-up batch, on the linear-layer kernels the eval will run
+  (`eval.cpu_kernels`; auto times both and keeps the faster, as the eval does). The eval's fixed costs (kernel and beam-length timing, turn-2 answers,
   the profile) are not timed.
 
-What no stage times (Ray's start-up, the model loads, the training workers' start, DeepSpeed, checkpoints,
-the eval's kernel and beam-length timing and its profile) is a fixed allowance of 3 minutes, measured
+What no stage times (Ray's start-up, the model loads, the training workers' start, Ray Train's copies of the
+checkpoints, the eval's kernel and beam-length timing and its profile) is a fixed allowance of 3 minutes, measured
 beside the timed stages on a 2-core CPU. A stage the plan
 reuses costs nothing. The figures are what this machine measures now: on a busy machine they
 are slower than a quiet run would be.
@@ -49,7 +50,7 @@ from pipeline.config import Config
 from pipeline.plan import REUSE, StagePlan
 
 SAMPLE_TOKENS = 32  # new tokens per timed decode (generation in the teacher, every method in the eval)
-TRAIN_STEPS = 3  # timed training steps, after one untimed
+TRAIN_STEPS = 8  # timed training steps, after one untimed
 
 
 @dataclass
@@ -75,9 +76,10 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
-    """The teacher stage's seconds, the timed sample's records (the training estimate's data) and the
-    number of training prompts (as the teacher stage filters them: pipeline/teacher.py training_prompts)."""
+def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, list[int]]:
+    """The teacher stage's seconds, the timed sample's records (the training estimate's data) and the length
+    of every training prompt's record, one per prompt as the teacher stage filters them (pipeline/teacher.py
+    training_prompts): exact with corpus replies, the upper bound max_new_tokens + 1 with generated ones."""
     from pipeline.teacher import TeacherWorker, cut_response, training_prompts
 
     train_prompts, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses)
@@ -111,17 +113,19 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, int]:
             return len(batch) * max(len(p["input_ids"]) + len(reply(p)) for p in batch)
 
         all_padded = sum(padded([sh[i] for i in batch]) for sh in shards for batch in worker.batches(sh))
-        positions = sum(len(reply(p)) + 1 for p in items)
+        lengths = [len(reply(p)) + 1 for p in items]  # a record holds the reply and the position before it
+        positions = sum(lengths)
         total = all_padded * seconds / padded(sample) / actors
         what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded:,} padded tokens"
     else:
         seconds, records = _generated_teacher_seconds(worker, shard, shards, cfg.teacher.max_new_tokens)
         total = seconds / actors
-        positions = len(items) * (cfg.teacher.max_new_tokens + 1)
+        lengths = [cfg.teacher.max_new_tokens + 1] * len(items)
+        positions = sum(lengths)
         what = f"at most {positions:,} positions ({len(items):,} prompts x {cfg.teacher.max_new_tokens} new tokens)"
     return (StageEstimate("teacher", total, f"{what}: {positions / total / actors:,.0f}/s per actor x {actors} "
                                             "actor(s)", True,
-                          positions), records, len(items))
+                          positions), records, lengths)
 
 
 def _generated_teacher_seconds(worker, shard: list[dict], shards: list[list[dict]],
@@ -222,45 +226,146 @@ def train_steps(cfg: Config, num_sequences: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch
 
 
-def estimate_train(cfg: Config, records: list, num_sequences: int) -> StageEstimate:
-    from pipeline.config import resolve_drafter
-    from pipeline.heads import head_type
+@dataclass(frozen=True)
+class TrainTiming:
+    """One training worker's timings (`_time_training_worker`), in seconds."""
+
+    step_s: float  # the mean optimizer step, all-reduce included
+    heldout_s: float  # one held-out forward (no gradient) over a batch
+    checkpoint_s: float  # one DeepSpeed checkpoint written to local disk
+
+
+def sized_batch(records: list, lengths: list[int], batch_size: int, rng: random.Random) -> list:
+    """`batch_size` teacher sequences whose lengths are drawn from the stage's `lengths`, each a sampled record
+    that long or longer, cut to that length (its first positions: a valid record). A step's time follows its
+    tokens, and not linearly (2 workers of SmolLM2's drafter on a 2-core AMD EPYC: 0.20 s per step of 1
+    sequence, 0.42 s of 4, 1.29 s of 8), so the timed batches take the stage's own mix of lengths, not the
+    sample's (one length-sorted teacher batch)."""
+    out = []
+    for n in rng.choices(lengths, k=batch_size):
+        long_enough = [r for r in records if len(r.tokens) >= n] or [max(records, key=lambda r: len(r.tokens))]
+        r = rng.choice(long_enough)
+        n = min(n, len(r.tokens))
+        out.append(dataclasses.replace(r, tokens=r.tokens[:n], hidden=r.hidden[:n], topk_ids=r.topk_ids[:n],
+                                       topk_logprobs=r.topk_logprobs[:n], tail_logprob=r.tail_logprob[:n]))
+    return out
+
+
+def _time_training_worker(rank: int, world: int, port: int, cfg: Config, records: list, lengths: list[int], d2t,
+                          vocab_size: int, hidden_size: int, out) -> None:
+    """The body of one timing process: a training worker's drafter and DeepSpeed engine, built as
+    pipeline/train.py train_worker builds them, on a gloo group of `world` processes side by side, timed over
+    TRAIN_STEPS steps (`sized_batch`) after a warm-up step, then a held-out forward and a checkpoint."""
+    import datetime
+    import os
+    import tempfile
+    import warnings
+
+    import torch.distributed as dist
+
+    from pipeline.distributed import init_engine, save_checkpoint
     from pipeline.loss import make_batch, position_weights
-    from pipeline.train import load_embedding_table, vocab_maps
+    from pipeline.train import _quiet_worker_logs, build_drafter, train_step, vocab_maps
 
-    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))  # estimate_run restores the caller's
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    warnings.filterwarnings("ignore")
+    _quiet_worker_logs()
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+    try:
+        tc = cfg.train
+        head, arch, drafter = build_drafter(cfg.model, cfg.drafter, vocab_size, hidden_size, cfg.run.seed, d2t)
+        engine = init_engine(drafter, tc, world, total_steps=1000)
+        K = arch.horizon - 1
+        weights = position_weights(K, tc.position_weight_decay)
+        maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)
+        rng = random.Random(cfg.run.seed * 1000 + rank)
+
+        def step():
+            train_step(engine, head, sized_batch(records, lengths, tc.batch_size, rng), K, weights, maps, tc.anchors)
+
+        step()  # warm-up, untimed
+        per_step = sum(_timed(step)[0] for _ in range(TRAIN_STEPS)) / TRAIN_STEPS  # a mean: the steps differ
+        with torch.no_grad():
+            batch = make_batch(sized_batch(records, lengths, tc.batch_size, rng), K)
+            heldout, _ = _timed(lambda: head.loss(engine, batch, weights, maps))
+        with tempfile.TemporaryDirectory(prefix="draftforge-estimate-") as tmp:
+            checkpoint, _ = _timed(lambda: save_checkpoint(engine, Path(tmp), {"step": 0}))
+        dist.barrier()
+        if rank == 0:
+            out.put(TrainTiming(per_step, heldout, checkpoint))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def heldout_batches_per_worker(cfg: Config, num_sequences: int) -> int:
+    """The held-out forwards every training worker runs at the end (pipeline/train.py evaluate: the most any
+    worker has, the others pad)."""
+    data = training_split(cfg, num_sequences)
+    world, shards = max(1, cfg.train.num_workers), len(data.heldout)
+    return max(math.ceil(sum(len(data.heldout[s]) for s in range(r, shards, world)) / cfg.train.batch_size)
+               for r in range(world))
+
+
+def checkpoints_written(cfg: Config, steps: int) -> int:
+    """Checkpoints the training stage writes over `steps` steps: every train.checkpoint_every, and the last."""
+    return (steps - 1) // cfg.train.checkpoint_every + 1 if steps else 0
+
+
+def estimate_train(cfg: Config, records: list, lengths: list[int]) -> StageEstimate:
+    """The training stage on the teacher sample's `records`, for the stage's sequences of these `lengths`."""
+    import torch.multiprocessing as mp
+
+    from pipeline.config import resolve_drafter
+    from pipeline.train import load_embedding_table
+
     embed = load_embedding_table(cfg.model)
-    dc = resolve_drafter(cfg.drafter, embed.shape[0])
-    head = head_type(dc.head)
-    arch = head.make_arch(embed.shape[0], embed.shape[1], dc)
+    vocab_size, hidden_size = embed.shape
+    cfg = dataclasses.replace(cfg, drafter=resolve_drafter(cfg.drafter, vocab_size))
     d2t = None
-    if arch.draft_vocab_size:  # the most frequent tokens of the sample, then the lowest other ids
-        seen = torch.cat([torch.as_tensor(r.tokens) for r in records]).bincount(minlength=arch.vocab_size)
-        d2t = seen.argsort(descending=True, stable=True)[:arch.draft_vocab_size].sort().values
-    base_head = load_embedding_table(cfg.model, output=True) if dc.init == "base_head" else None
-    drafter = head.build(arch, embed, cfg.run.seed, d2t, base_head=base_head)
-    if cfg.train.precision == "bf16":
-        drafter = drafter.to(torch.bfloat16)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    K = arch.horizon - 1
-    weights = position_weights(K, cfg.train.position_weight_decay)
-    maps = vocab_maps(d2t, arch.vocab_size, "cpu", cfg.train.objective)
-    rng = random.Random(cfg.run.seed)
-
-    def step():
-        batch = make_batch(rng.choices(records, k=cfg.train.batch_size), K)
-        loss, _ = head.loss(drafter, batch, weights, maps)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up, untimed
-    per_step = sorted(_timed(step)[0] for _ in range(TRAIN_STEPS))[TRAIN_STEPS // 2]
-    steps = train_steps(cfg, num_sequences)
-    return StageEstimate("train", steps * per_step,
-                         f"{steps:,} steps x {per_step:.2f} s ({cfg.train.num_workers} worker(s) side by side, "
-                         f"{cfg.train.batch_size} sequences each, {cfg.train.precision})", True, steps)
+    if cfg.drafter.draft_vocab_size:  # the most frequent tokens of the sample, then the lowest other ids
+        seen = torch.cat([torch.as_tensor(r.tokens) for r in records]).bincount(minlength=vocab_size)
+        d2t = seen.argsort(descending=True, stable=True)[:min(cfg.drafter.draft_vocab_size, vocab_size)].sort().values
+    # the workers side by side in processes of their own: their all-reduces and their share of the cores are
+    # part of a step's time (two workers on 2 cores: 0.42 s per step against 0.31 s for one alone, AMD EPYC)
+    world = max(1, cfg.train.num_workers)
+    context = mp.get_context("spawn")
+    out = context.SimpleQueue()
+    port = _free_port()
+    procs = [context.Process(target=_time_training_worker,
+                             args=(rank, world, port, cfg, records, lengths, d2t, vocab_size, hidden_size, out))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs):  # one that fails leaves the others waiting on it: stop them
+        procs[0].join(0.2)
+        if any(p.exitcode for p in procs):
+            for p in procs:
+                p.terminate()
+    for p in procs:
+        p.join()
+    if out.empty() or any(p.exitcode for p in procs):
+        raise RuntimeError(f"--estimate: the {world} timed training process(es) failed (exit codes "
+                           f"{[p.exitcode for p in procs]}); their output is above")
+    timing: TrainTiming = out.get()
+    steps = train_steps(cfg, len(lengths))
+    checkpoints = checkpoints_written(cfg, steps)
+    heldout = heldout_batches_per_worker(cfg, len(lengths))
+    total = steps * timing.step_s + checkpoints * timing.checkpoint_s + heldout * timing.heldout_s
+    return StageEstimate("train", total,
+                         f"{steps:,} steps x {timing.step_s:.2f} s ({world} DeepSpeed worker(s) side by side, "
+                         f"{cfg.train.batch_size} sequences each, {cfg.train.precision}) + {checkpoints} checkpoints x "
+                         f"{timing.checkpoint_s:.2f} s + {heldout} held-out batches x {timing.heldout_s:.2f} s",
+                         True, steps)
 
 
 def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEstimate:
@@ -308,11 +413,12 @@ def estimate_run(cfg: Config, tokenizer, eval_prompts: list | None,
     threads = torch.get_num_threads()  # each stage's timing sets its own thread count
     try:
         if "teacher" in todo or "train" in todo:  # training is timed on the teacher sample's records
-            teacher, records, prompts = estimate_teacher(cfg, tokenizer)
+            teacher, records, lengths = estimate_teacher(cfg, tokenizer)
+            prompts = len(lengths)
             if "teacher" in todo:
                 out.append(teacher)
             if "train" in todo:
-                out.append(estimate_train(cfg, records, prompts))
+                out.append(estimate_train(cfg, records, lengths))
         if "eval" in todo and eval_prompts:
             out.append(estimate_eval(cfg, eval_prompts, tokenizer.eos_token_id))
     finally:
@@ -333,7 +439,7 @@ def fitting_limit(estimates: list[StageEstimate], prompts: int, budget_s: float,
 
 
 # What no stage times: Ray's start-up, the model loads in the driver and in every actor and worker, the training
-# workers' start, DeepSpeed and checkpoints, the eval's kernel and beam-length timing and its profile. 3 minutes
+# workers' start, Ray Train's copies of the checkpoints, the eval's kernel and beam-length timing and its profile. 3 minutes
 # beside the timed stages in a scaled-down recipe=smollm2 on a 2-core AMD EPYC (README, "--estimate")
 STARTUP_S = 180.0
 

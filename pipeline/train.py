@@ -352,6 +352,25 @@ def _quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
+def build_drafter(model_cfg: ModelConfig, dc: DrafterConfig, vocab_size: int, hidden_size: int, seed: int,
+                  d2t: torch.Tensor | None):
+    """(head type, arch, drafter) as every training worker builds them (the estimate too), from the base model's
+    embedding table (and its read-out under drafter.init=base_head); `d2t` is the draft vocabulary or None."""
+    head = head_type(dc.head)
+    arch = head.make_arch(vocab_size, hidden_size, dc)
+    base_head = load_embedding_table(model_cfg, output=True) if dc.init == "base_head" else None
+    return head, arch, head.build(arch, load_embedding_table(model_cfg), seed, d2t, base_head=base_head)
+
+
+def train_step(engine, head, seqs: list, K: int, weights: torch.Tensor, maps: dict, anchors: str):
+    """One optimizer step of the DeepSpeed `engine` on these teacher sequences: (loss, stats, batch)."""
+    batch = {k: v.to(engine.device) for k, v in make_batch(seqs, K).items()}
+    loss, stats = head.loss(engine, training_anchors(batch, anchors), weights, maps)
+    engine.backward(loss)
+    engine.step()
+    return loss, stats, batch
+
+
 def train_worker(config: dict) -> None:
     """Body of every Ray Train worker (Ray Train already set up the process group)."""
     import ray.train
@@ -368,11 +387,9 @@ def train_worker(config: dict) -> None:
     data = TeacherData(Path(config["teacher_dir"]), manifest, tc.batch_size, tc.heldout_fraction, seed, rank, world)
     planned = tc.epochs * data.steps_per_epoch
     stop = tc.max_steps or planned
-    head = head_type(dc.head)
-    arch = head.make_arch(manifest["vocab_size"], manifest["hidden_size"], dc)
-    d2t = torch.tensor(config["draft_vocab"]["d2t"]) if arch.draft_vocab_size else None
-    base_head = load_embedding_table(config["model_cfg"], output=True) if dc.init == "base_head" else None
-    drafter = head.build(arch, load_embedding_table(config["model_cfg"]), seed, d2t, base_head=base_head)
+    d2t = torch.tensor(config["draft_vocab"]["d2t"]) if dc.draft_vocab_size else None
+    head, arch, drafter = build_drafter(config["model_cfg"], dc, manifest["vocab_size"], manifest["hidden_size"], seed,
+                                        d2t)
     engine = init_engine(drafter, tc, world, total_steps=max(planned, stop))  # max_steps does not rescale the lr
     K, weights = arch.horizon - 1, position_weights(arch.horizon - 1, tc.position_weight_decay)
     maps = vocab_maps(d2t, arch.vocab_size, engine.device, tc.objective)
@@ -387,11 +404,8 @@ def train_worker(config: dict) -> None:
     meta = {"run_name": config["run_name"], "inputs": config["inputs"]}
     window, t0, metrics, last_ckpt = None, time.time(), {}, start
     for step in range(start, stop):
-        batch = {k: v.to(engine.device) for k, v in make_batch(data.batch(step), K).items()}
-        loss, stats = head.loss(engine, training_anchors(batch, tc.anchors), weights, maps)
         lr = engine.get_lr()[0]  # the lr of this step (engine.step moves the schedule on)
-        engine.backward(loss)
-        engine.step()
+        loss, stats, batch = train_step(engine, head, data.batch(step), K, weights, maps, tc.anchors)
         extra = torch.tensor([loss.item(), batch["h_NH"].shape[0], batch["num_tokens"].item(), 1.0])
         window = add_stats(window, {**stats, "extra": extra.to(engine.device)})
         done = step + 1

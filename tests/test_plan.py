@@ -224,21 +224,60 @@ def test_estimate_times_the_stages_a_run_will_run_and_skips_the_reused_teacher(t
     # the eval is timed on the kernels the eval will run: auto times both, as the eval does, and says which won
     assert "cpu kernels (auto):" in out and re.search(r"tokens/s on (stock|onednn) kernels: plain", out), out
     assert "dry run: nothing was run" in out and not fresh.exists()  # an estimate writes nothing
-    # the teacher already ran there: reused, so not timed; train and eval are
-    cfg = load_config(_argv(tiny_model_dir, teacher_run, *extra))
+    # the teacher already ran there: reused, so not timed; train and eval are. Two training workers: two
+    # timing processes side by side on a gloo group, as the stage runs them
+    cfg = load_config(_argv(tiny_model_dir, teacher_run, *extra, "train.num_workers=2", "train.batch_size=1"))
     plans = plan_stages(cfg, pm.run_dir_of(cfg))
     estimates, prompts = est.estimate_run(cfg, load_tokenizer(cfg.model), None, plans)
     by_stage = {e.stage: e for e in estimates}
     assert set(by_stage) == {"train"} and prompts == 6  # no eval prompts given: no eval estimate
-    assert by_stage["train"].seconds > 0
+    assert by_stage["train"].seconds > 0 and "2 DeepSpeed worker(s) side by side" in by_stage["train"].detail
     # the counts are the real run's: the teacher recorded at most the positions the estimate bounds
-    # (generated replies), and the training stage's own split gives the estimate's steps
+    # (generated replies), and the training stage's own split gives the estimate's steps, checkpoints and
+    # held-out forwards (the most any worker has)
     manifest = json.loads((teacher_run / "r" / "teacher" / "manifest.json").read_text())
-    teacher, _, _ = est.estimate_teacher(cfg, load_tokenizer(cfg.model))
-    assert manifest["num_tokens"] + manifest["num_sequences"] <= teacher.count == 6 * (4 + 1)
-    data = TeacherData(teacher_run / "r" / "teacher", manifest, cfg.train.batch_size, cfg.train.heldout_fraction,
-                       cfg.run.seed, 0, 1)
-    assert by_stage["train"].count == 2 * data.steps_per_epoch > 0
+    teacher, _, lengths = est.estimate_teacher(cfg, load_tokenizer(cfg.model))
+    assert manifest["num_tokens"] + manifest["num_sequences"] <= teacher.count == sum(lengths) == 6 * (4 + 1)
+    ranks = [TeacherData(teacher_run / "r" / "teacher", manifest, 1, cfg.train.heldout_fraction, cfg.run.seed, rank, 2)
+             for rank in range(2)]
+    assert by_stage["train"].count == 2 * ranks[0].steps_per_epoch > 0
+    heldout = max(len(r.heldout_batches()) for r in ranks)
+    assert heldout > 0 and est.heldout_batches_per_worker(cfg, 6) == heldout
+    assert f"+ {heldout} held-out batches" in by_stage["train"].detail
+    assert f"+ {est.checkpoints_written(cfg, by_stage['train'].count)} checkpoints" in by_stage["train"].detail
+
+
+def test_the_training_estimate_times_batches_of_the_stage_s_lengths_and_counts_its_checkpoints():
+    """A step's time follows its tokens, so the timed batches take the stage's mix of sequence lengths: records
+    cut to lengths drawn from the stage's, each still a whole record of its first positions."""
+    import random
+
+    import numpy as np
+
+    from pipeline.config import Config, TrainConfig
+    from pipeline.estimate import checkpoints_written, sized_batch
+    from pipeline.shards import TeacherSequence
+
+    def record(n, tag):
+        return TeacherSequence(f"p{tag}", 3, np.arange(n, dtype=np.int32) + tag, np.full((n, 2), tag, np.float16),
+                               np.zeros((n, 4), np.int32), np.zeros((n, 4), np.float32), np.zeros(n, np.float32))
+
+    records = [record(10, 0), record(40, 1), record(257, 2)]
+    rng = random.Random(0)
+    batches = [sized_batch(records, [5, 30, 200], 4, rng) for _ in range(50)]
+    seqs = [s for b in batches for s in b]
+    assert all(len(b) == 4 for b in batches)
+    assert {len(s.tokens) for s in seqs} == {5, 30, 200}  # every drawn length, and only those
+    for s in seqs:  # the first positions of a record at least that long
+        tag = int(s.hidden[0, 0])
+        assert len(records[tag].tokens) >= len(s.tokens) and s.tokens[0] == tag
+        assert s.hidden.shape == (len(s.tokens), 2) and s.topk_ids.shape[0] == s.tail_logprob.shape[0] == len(s.tokens)
+    assert all(int(s.hidden[0, 0]) == 2 for s in seqs if len(s.tokens) == 200)  # only the long record is long enough
+    # a length longer than every record: the longest, whole
+    assert [len(s.tokens) for s in sized_batch(records, [999], 2, rng)] == [257, 257]
+    # checkpoints: every checkpoint_every steps and the last (pipeline/train.py train_worker)
+    cfg = Config(train=TrainConfig(checkpoint_every=200))
+    assert [checkpoints_written(cfg, n) for n in (0, 1, 199, 200, 201, 400, 492)] == [0, 1, 1, 1, 2, 2, 3]
 
 
 def test_generated_replies_are_estimated_per_batch_from_the_shortest_and_longest_timed_prompts():
