@@ -26,6 +26,10 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["teacher", "train", "eval"])
     ray_address: str = ""  # "" -> RAY_ADDRESS / the job's cluster if there is one, else a local Ray
     num_cpus: int = 0  # local Ray only; 0 = all cores
+    # minutes the whole run may take on this machine: > 0 sizes data.train.limit (then the most it may take) to
+    # fit, timed here when a fresh teacher stage starts (pipeline/estimate.py choose_budget_limit); the choice
+    # is kept in the run directory (budget.json), so a rerun resumes the same data. CPU runs only; 0 = off
+    budget_min: float = 0.0
 
 
 @dataclass
@@ -354,6 +358,11 @@ def _value_problems(cfg: Config) -> list[str]:
     for s in cfg.run.stages:
         if s not in ("teacher", "train", "eval"):
             p.append(f"bad value in 'run.stages': {s!r}; stages are teacher, train, eval")
+    if cfg.run.budget_min < 0:
+        p.append(f"bad value for 'run.budget_min': {cfg.run.budget_min:g}; minutes > 0, or 0 for no budget")
+    elif cfg.run.budget_min and cfg.data.train.limit <= 0:
+        p.append("'run.budget_min' sizes data.train.limit up to its configured value: set data.train.limit to the "
+                 "most prompts the run may take (0 would load and time every prompt of the corpus)")
     positive = {
         "teacher.num_actors": cfg.teacher.num_actors, "teacher.batch_size": cfg.teacher.batch_size,
         "teacher.cpus_per_actor": cfg.teacher.cpus_per_actor, "teacher.stages": cfg.teacher.stages,

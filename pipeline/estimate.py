@@ -41,6 +41,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class StageEstimate:
     detail: str
     scales_with_prompts: bool  # teacher and train grow with data.train.limit; the eval does not
     count: int = 0  # teacher: positions to record (an upper bound for generated replies); train: steps; eval: decodes
+    # teacher and train: the stage's seconds for the first n of the run's training prompts (n up to all of them),
+    # counted as for all of them (the actors' shards and batches, the training split), at the rates timed here
+    cost: Callable[[int], float] | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def estimate_problem(cfg: Config) -> str | None:
@@ -95,7 +99,11 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, list[
     # length-sorted batches
     rng = random.Random(cfg.run.seed)
     size = cfg.teacher.shard_size
-    shards = [items[start:start + size] for start in range(0, len(items), size)]
+
+    def shards_of(n: int) -> list[list[dict]]:  # the shards of the first n prompts (limit n takes those)
+        return [items[start:start + size] for start in range(0, n, size)]
+
+    shards = shards_of(len(items))
     shard = rng.choice(shards)
     worker.records(shard[:2])  # warm-up, untimed
     actors = max(1, cfg.teacher.num_actors)
@@ -112,25 +120,32 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, list[
         def padded(batch: list[dict]) -> int:
             return len(batch) * max(len(p["input_ids"]) + len(reply(p)) for p in batch)
 
+        def cost(n: int) -> float:
+            return sum(padded([sh[i] for i in batch]) for sh in shards_of(n) for batch in worker.batches(sh)) * (
+                seconds / padded(sample) / actors)
+
         all_padded = sum(padded([sh[i] for i in batch]) for sh in shards for batch in worker.batches(sh))
         lengths = [len(reply(p)) + 1 for p in items]  # a record holds the reply and the position before it
         positions = sum(lengths)
-        total = all_padded * seconds / padded(sample) / actors
+        total = cost(len(items))
         what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded:,} padded tokens"
     else:
-        seconds, records = _generated_teacher_seconds(worker, shard, shards, cfg.teacher.max_new_tokens)
-        total = seconds / actors
+        points, records = _generation_timings(worker, shard)
+
+        def cost(n: int) -> float:
+            return _generated_teacher_seconds(worker, points, shards_of(n), cfg.teacher.max_new_tokens) / actors
+
+        total = cost(len(items))
         lengths = [cfg.teacher.max_new_tokens + 1] * len(items)
         positions = sum(lengths)
         what = f"at most {positions:,} positions ({len(items):,} prompts x {cfg.teacher.max_new_tokens} new tokens)"
     return (StageEstimate("teacher", total, f"{what}: {positions / total / actors:,.0f}/s per actor x {actors} "
                                             "actor(s)", True,
-                          positions), records, lengths)
+                          positions, cost), records, lengths)
 
 
-def _generated_teacher_seconds(worker, shard: list[dict], shards: list[list[dict]],
-                               max_new_tokens: int) -> tuple[float, list]:
-    """Seconds for the actors' batches with generated replies, and the records of the timed samples.
+def _generation_timings(worker, shard: list[dict]) -> tuple[list, list]:
+    """The timings of a shard's batches with the shortest and the longest prompts, and their records (below).
 
     A batch generates (a prefill over its left-padded prompts, then one decoding step per new token whose
     attention reads every cached token) and is then recorded (one forward over prompt + reply, padded). On
@@ -169,10 +184,14 @@ def _generated_teacher_seconds(worker, shard: list[dict], shards: list[list[dict
         per_record = t_record / (len(sample) * max(len(p["input_ids"]) + len(r) for p, r in zip(sample, replies)))
         points.append(GenerationTiming(padded_prompts(sample), t_prefill, max(0.0, t_long - t_prefill) / steps,
                                        per_record))
-    total = sum(generated_batch_seconds(points, padded_prompts(batch := [each[i] for i in indices]), len(batch),
-                                        max_new_tokens)
-                for each in shards for indices in worker.batches(each))
-    return total, records
+    return points, records
+
+
+def _generated_teacher_seconds(worker, points: list, shards: list[list[dict]], max_new_tokens: int) -> float:
+    """Seconds for these shards' batches with generated replies, on the lines through the timed `points`."""
+    return sum(generated_batch_seconds(points, len(batch) * max(len(p["input_ids"]) for p in batch), len(batch),
+                                       max_new_tokens)
+               for each in shards for batch in ([each[i] for i in indices] for indices in worker.batches(each)))
 
 
 @dataclass(frozen=True)
@@ -357,15 +376,24 @@ def estimate_train(cfg: Config, records: list, lengths: list[int]) -> StageEstim
         raise RuntimeError(f"--estimate: the {world} timed training process(es) failed (exit codes "
                            f"{[p.exitcode for p in procs]}); their output is above")
     timing: TrainTiming = out.get()
+
+    def cost(n: int) -> float:  # the first n prompts' sequences; too few for the split: never fits
+        try:
+            steps = train_steps(cfg, n)
+        except ValueError:
+            return math.inf
+        return (steps * timing.step_s + checkpoints_written(cfg, steps) * timing.checkpoint_s
+                + heldout_batches_per_worker(cfg, n) * timing.heldout_s)
+
     steps = train_steps(cfg, len(lengths))
     checkpoints = checkpoints_written(cfg, steps)
     heldout = heldout_batches_per_worker(cfg, len(lengths))
-    total = steps * timing.step_s + checkpoints * timing.checkpoint_s + heldout * timing.heldout_s
+    total = cost(len(lengths))
     return StageEstimate("train", total,
                          f"{steps:,} steps x {timing.step_s:.2f} s ({world} DeepSpeed worker(s) side by side, "
                          f"{cfg.train.batch_size} sequences each, {cfg.train.precision}) + {checkpoints} checkpoints x "
                          f"{timing.checkpoint_s:.2f} s + {heldout} held-out batches x {timing.heldout_s:.2f} s",
-                         True, steps)
+                         True, steps, cost)
 
 
 def estimate_eval(cfg: Config, eval_prompts: list, eos: int | None) -> StageEstimate:
@@ -436,6 +464,88 @@ def fitting_limit(estimates: list[StageEstimate], prompts: int, budget_s: float,
     if scaling <= 0:
         return prompts
     return int(prompts * left / scaling)
+
+
+def fitting_count(estimates: list[StageEstimate], prompts: int, budget_s: float) -> int:
+    """The most of the first `prompts` training prompts whose stages fit `budget_s`, each scaling stage at its
+    own `cost` (the actors' batches and the training split of exactly those prompts, not a straight line), the
+    others as timed; 0 when none fits (nor when too few prompts for the training split would)."""
+    fixed = sum(e.seconds for e in estimates if not e.scales_with_prompts)
+
+    def total(n: int) -> float:
+        return fixed + sum(e.cost(n) for e in estimates if e.scales_with_prompts)
+
+    if total(prompts) <= budget_s:
+        return prompts
+    low, high = 0, prompts  # the fewest prompts training can split: every count from there costs more
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if math.isfinite(total(mid)) else (mid, high)
+    if total(high) > budget_s:
+        return 0
+    low = high  # fits; prompts does not
+    high = prompts
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if total(mid) <= budget_s else (low, mid)
+    return low
+
+
+def limit_for(cfg: Config, tokenizer, n: int) -> int:
+    """The data.train.limit whose training prompts are the first n of this config's (pipeline/teacher.py
+    training_prompts): the limit counts prompts as the loader keeps them, before the prompts that are also
+    eval prompts and those with no corpus reply are removed, so it is the loader's position of the n-th kept."""
+    from data.prompts import load_prompt_set
+    from pipeline.teacher import training_prompts
+
+    kept, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses)
+    loaded, _ = load_prompt_set(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+    if not 0 < n <= len(kept):
+        raise ValueError(f"limit_for: {n} of {len(kept)} training prompts")
+    last = kept[n - 1]
+    for i, p in enumerate(loaded):
+        if p is last or (p.id, p.text) == (last.id, last.text):
+            return i + 1
+    raise ValueError(f"training prompt {last.id!r} is not among the loaded prompts")
+
+
+# The share of run.budget_min a run sized to it aims at: this estimate ran 9-25% under the real stages in the
+# checks against real runs (README, "--estimate"), and the machines here change speed by as much within an hour
+BUDGET_AIM = 0.85
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What a run sized to its time budget (run.budget_min) chose, kept in its run directory (budget.json)."""
+
+    budget_min: float
+    most: int  # data.train.limit as configured: the most it may take
+    limit: int  # data.train.limit chosen
+    prompts: int  # the training prompts that limit gives
+    minutes: dict  # stage -> estimated minutes at that limit, and "elapsed" before the choice
+
+    def line(self, chose: str = "chose") -> str:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.minutes.items())
+        return (f"budget: run.budget_min={self.budget_min:g} {chose} data.train.limit={self.limit} of at most "
+                f"{self.most} ({self.prompts} training prompts), the most whose run fits {BUDGET_AIM:.0%} of it on "
+                f"this machine (estimated minutes: {stages}, start-up {STARTUP_S / 60:.1f})")
+
+
+def choose_budget_limit(cfg: Config, tokenizer, estimates: list[StageEstimate], prompts: int,
+                        started: float) -> BudgetChoice:
+    """The most training prompts, up to the configured data.train.limit (`prompts` of them), whose run fits
+    BUDGET_AIM of run.budget_min from `started` (time.perf_counter() when the run began: the timing of the
+    `estimates`, from `estimate_run`, is spent from it too); ValueError when not even the eval fits."""
+    elapsed_s = time.perf_counter() - started
+    budget_s = cfg.run.budget_min * 60 * BUDGET_AIM - elapsed_s - STARTUP_S
+    n = fitting_count(estimates, prompts, budget_s)
+    if n == 0:
+        raise ValueError(f"run.budget_min={cfg.run.budget_min:g}: no training data fits it on this machine:\n"
+                         + report(estimates, prompts, cfg.run.budget_min) + "\nraise run.budget_min, or lower "
+                         "eval.num_prompts or eval.max_new_tokens")
+    minutes = {e.stage: (e.cost(n) if e.scales_with_prompts else e.seconds) / 60 for e in estimates}
+    return BudgetChoice(cfg.run.budget_min, cfg.data.train.limit, limit_for(cfg, tokenizer, n), n,
+                        {**minutes, "elapsed": elapsed_s / 60})
 
 
 # What no stage times: Ray's start-up, the model loads in the driver and in every actor and worker, the training

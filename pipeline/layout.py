@@ -31,6 +31,11 @@ class RunLayout:
         return self.root / "error.log"
 
     @property
+    def budget(self) -> Path:
+        """run.budget_min's choice of data.train.limit (pipeline/estimate.py BudgetChoice)."""
+        return self.root / "budget.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 

@@ -15,6 +15,7 @@ training checkpoints, the eval record) and redoes only what is missing or corrup
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,18 +57,25 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).resolve() / cfg.run.name
 
 
-def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: float | None = None) -> int:
+def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: float | None = None,
+            started: float | None = None) -> int:
     """Check what can be checked without doing the work: model + tokenizer load, prompts load, and what
     each stage would do with the outputs already in the run directory. 2 when a stage would be refused.
-    `estimate`: then time the stages' work on this machine (pipeline/estimate.py) and print the minutes."""
+    `estimate`: then time the stages' work on this machine (pipeline/estimate.py) and print the minutes.
+    `started`: time.perf_counter() when the command began (what run.budget_min would leave; default now)."""
     from pipeline.plan import plan_stages, refusals
 
+    started = time.perf_counter() if started is None else started
     # the same checks as a real run (architecture, settings vs the model, contexts): raises
     tokenizer, train_prompts, eval_prompts = preflight(cfg)
     print(f"base model: {cfg.model.base_model} (tokenizer: {len(tokenizer)} tokens) - ok")
     for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
         if prompts is not None:  # the eval prompts as drawn (eval.num_prompts)
             print(f"{split} prompts: {getattr(cfg.data, split).path} -> {len(prompts)} prompts - ok")
+    chosen = budget_on_record(cfg, RunLayout(run_dir))
+    sized = chosen is None and budget_applies(cfg, plan_stages(cfg, run_dir))
+    if chosen is not None:
+        cfg = with_train_limit(cfg, chosen)
     plans = plan_stages(cfg, run_dir)
     for plan in plans:
         print(plan.line())
@@ -76,6 +84,9 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
         print("dry run: nothing was run")
         print("error: the run would be refused (see REFUSED above)", file=sys.stderr)
         return 2
+    if sized and not estimate:
+        print(f"budget: the run will size data.train.limit (at most {cfg.data.train.limit}) to fit run.budget_min="
+              f"{cfg.run.budget_min:g} when it starts, timed then (about a minute); --estimate sizes it now")
     if estimate:
         from pipeline import estimate as est
 
@@ -83,9 +94,48 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
         if problem:
             raise ValueError(problem)
         estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plans)
-        print(est.report(estimates, prompts, budget_min))
+        # a run sized to run.budget_min: its choice below, not the report's straight-line limit
+        print(est.report(estimates, prompts, budget_min if sized else budget_min or cfg.run.budget_min or None))
+        if sized:
+            print(est.choose_budget_limit(cfg, tokenizer, estimates, prompts, started).line(
+                "would choose (a run starting now)"))
     print("dry run: nothing was run")
     return 0
+
+
+def budget_on_record(cfg: Config, run: RunLayout) -> int | None:
+    """The data.train.limit run.budget_min chose when this run started (its budget.json), or None when it has
+    not chosen one; ValueError when the run directory's choice was made for another budget or cap."""
+    if not run.budget.is_file():
+        return None
+    record = json.loads(run.budget.read_text())
+    if not cfg.run.budget_min or (record["budget_min"], record["most"]) != (cfg.run.budget_min,
+                                                                          cfg.data.train.limit):
+        raise ValueError(f"{run.budget}: this run's training data was sized to run.budget_min={record['budget_min']:g} "
+                         f"with data.train.limit at most {record['most']} (it chose {record['limit']}), and this "
+                         f"command says run.budget_min={cfg.run.budget_min:g} and data.train.limit="
+                         f"{cfg.data.train.limit}: use those values to go on with this run, or a new run.name")
+    print(f"budget: data.train.limit={record['limit']}, as chosen for run.budget_min={record['budget_min']:g} when "
+          f"this run started ({run.budget})", flush=True)
+    return int(record["limit"])
+
+
+def budget_applies(cfg: Config, plans: list) -> bool:
+    """run.budget_min sizes the data of a teacher stage that starts from nothing, never data that exists."""
+    from pipeline.plan import RUN
+
+    if not cfg.run.budget_min:
+        return False
+    teacher = [p for p in plans if p.stage == "teacher"]
+    if teacher and teacher[0].action != RUN:
+        print(f"budget: run.budget_min does not resize the teacher data this run already has ({teacher[0].line()})",
+              flush=True)
+    return bool(teacher) and teacher[0].action == RUN
+
+
+def with_train_limit(cfg: Config, limit: int) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=dataclasses.replace(cfg.data.train,
+                                                                                                 limit=limit)))
 
 
 def init_ray(cfg: Config) -> None:
@@ -146,6 +196,7 @@ def free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # run.budget_min counts from here
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(overrides)
@@ -161,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return 0
     try:
-        return _run(args, cfg, run_dir, argv)
+        return _run(args, cfg, run_dir, argv, started)
     finally:
         ConsoleLog.close()  # opened by run_pipeline once the run directory is claimed
 
 
-def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
+def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None, started: float) -> int:
     previous = _stop_on_sigterm()
     try:
         if args.plan:
@@ -175,8 +226,8 @@ def _run(args, cfg: Config, run_dir: Path, argv: list[str] | None) -> int:
             print(resource_plan(cfg, load_model_config(cfg.model)).text())
             return 0
         if args.dry_run:
-            return dry_run(cfg, run_dir, args.estimate, args.budget_min)
-        summary = run_pipeline(cfg, run_dir)
+            return dry_run(cfg, run_dir, args.estimate, args.budget_min, started)
+        summary = run_pipeline(cfg, run_dir, started)
     except ValueError as e:  # user errors: bad model path, bad data, mismatched inputs
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -422,14 +473,46 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def run_pipeline(cfg: Config, run_dir: Path) -> dict:
-    preflight(cfg)
+def run_pipeline(cfg: Config, run_dir: Path, started: float | None = None) -> dict:
+    """Run the stages in run_dir; `started`: time.perf_counter() when the command began (run.budget_min counts
+    from it; default now)."""
+    started = time.perf_counter() if started is None else started
+    tokenizer, _, eval_prompts = preflight(cfg)
     created = not run_dir.exists()
     lock = lock_run_dir(run_dir)  # held while this run lasts: a second run on the same directory refuses
     try:
+        try:
+            cfg = _sized_to_budget(cfg, RunLayout(run_dir), tokenizer, eval_prompts, started)
+        except BaseException:
+            if created:  # nothing of the run was written
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         return _run_stages(cfg, RunLayout(run_dir), created)
     finally:
         lock.close()
+
+
+def _sized_to_budget(cfg: Config, run: RunLayout, tokenizer, eval_prompts, started: float) -> Config:
+    """`cfg` with the data.train.limit run.budget_min chose, on record or chosen now (written to budget.json)."""
+    from pipeline.plan import plan_stages
+
+    chosen = budget_on_record(cfg, run)
+    if chosen is not None:
+        return with_train_limit(cfg, chosen)
+    if not budget_applies(cfg, plan_stages(cfg, run.root)):
+        return cfg
+    from pipeline import estimate as est
+
+    problem = est.estimate_problem(cfg)
+    if problem:
+        raise ValueError(f"run.budget_min: {problem}")
+    print(f"budget: timing this machine to size data.train.limit (at most {cfg.data.train.limit}) to run.budget_min="
+          f"{cfg.run.budget_min:g}", flush=True)
+    estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plan_stages(cfg, run.root))
+    choice = est.choose_budget_limit(cfg, tokenizer, estimates, prompts, started)
+    atomic.write_json(run.budget, dataclasses.asdict(choice))
+    print(choice.line(), flush=True)
+    return with_train_limit(cfg, choice.limit)
 
 
 def _run_stages(cfg: Config, run: RunLayout, created: bool) -> dict:

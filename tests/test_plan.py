@@ -328,3 +328,89 @@ def test_estimate_refusals(tiny_model_dir, tmp_path, capsys):
     for change in ({"eval": dataclasses.replace(cfg.eval, device="cuda")},
                    {"teacher": dataclasses.replace(cfg.teacher, gpus_per_actor=1)}):
         assert "use --plan" in estimate_problem(dataclasses.replace(cfg, **change))
+
+
+# --- run.budget_min: the data sized to the time a run may take, timed when a fresh teacher starts ---
+
+def test_the_most_prompts_that_fit_a_budget_follow_each_stage_s_own_cost():
+    import math
+
+    from pipeline.estimate import StageEstimate, fitting_count
+
+    def stages(train_from: int):
+        teacher = StageEstimate("teacher", 0, "", True, cost=lambda n: 2.0 * n)
+        train = StageEstimate("train", 0, "", True, cost=lambda n: math.inf if n < train_from else 10 + n)
+        return [teacher, train, StageEstimate("eval", 100, "", False)]
+
+    # 100 s of eval + 10 s + 3 s per prompt: 500 s fit 130 prompts
+    assert fitting_count(stages(1), 1000, 500) == 130
+    assert fitting_count(stages(1), 100, 500) == 100  # all of them fit
+    assert fitting_count(stages(1), 1000, 100) == 0  # the eval alone fills it
+    # too few prompts for the training split never fit, however cheap
+    assert fitting_count(stages(140), 1000, 500) == 0
+    assert fitting_count(stages(20), 1000, 500) == 130
+
+
+def test_a_limit_counts_prompts_as_the_loader_keeps_them_before_the_eval_overlap_is_removed(tiny_model_dir,
+                                                                                              tmp_path):
+    from pipeline.base_model import load_tokenizer
+    from pipeline.estimate import limit_for
+    from pipeline.teacher import training_prompts
+
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    texts = [f"def f{i}(x):\n" for i in range(8)]
+    train.write_text("".join(json.dumps({"id": str(i), "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    evals.write_text(json.dumps({"id": "e", "prompt": texts[2]}) + "\n")  # the third training prompt is an eval one
+    cfg = load_config(_argv(tiny_model_dir, tmp_path, f"data.train.path={train}", "data.train.limit=8",
+                            f"data.eval.path={evals}", "data.eval.split=train"))
+    tokenizer = load_tokenizer(cfg.model)
+    kept, _ = training_prompts(cfg.data, tokenizer)
+    assert [p.id for p in kept] == ["0", "1", "3", "4", "5", "6", "7"]
+    for n in range(1, len(kept) + 1):  # the limit that gives exactly the first n kept prompts
+        limit = limit_for(cfg, tokenizer, n)
+        at_limit = dataclasses.replace(cfg.data, train=dataclasses.replace(cfg.data.train, limit=limit))
+        assert [p.id for p in training_prompts(at_limit, tokenizer)[0]] == [p.id for p in kept[:n]]
+    assert limit_for(cfg, tokenizer, 2) == 2 and limit_for(cfg, tokenizer, 3) == 4
+
+
+def test_a_budgeted_run_records_its_choice_resumes_with_it_and_refuses_another_budget(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    import ray
+
+    argv = _argv(tiny_model_dir, tmp_path, "run.stages=[teacher]", "run.budget_min=600")
+    # the dry run says the data will be sized when the run starts; with --estimate it sizes it now
+    assert pm.main([*argv, "--dry-run"]) == 0
+    assert "budget: the run will size data.train.limit (at most 6) to fit run.budget_min=600" in capsys.readouterr().out
+    assert pm.main([*argv, "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "run.budget_min=600 would choose (a run starting now) data.train.limit=6 of at most 6" in out, out
+    assert not (tmp_path / "r").exists()
+    try:
+        assert pm.main(argv) == 0
+        out = capsys.readouterr().out
+        run = tmp_path / "r"
+        record = json.loads((run / "budget.json").read_text())
+        assert record["limit"] == record["prompts"] == record["most"] == 6 and record["budget_min"] == 600
+        assert "budget: run.budget_min=600 chose data.train.limit=6 of at most 6" in out
+        assert set(record["minutes"]) == {"teacher", "elapsed"}  # only the stages this run runs
+        assert "limit: 6" in (run / "resolved_config.yaml").read_text()
+        # the same command again: the choice on record, the teacher reused, nothing timed again
+        assert pm.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "as chosen for run.budget_min=600 when this run started" in out and "timing this machine" not in out
+        assert "stage teacher: reused" in out
+    finally:
+        ray.shutdown()
+    # another budget (or cap) on the same run directory: a clear error, and the run's data is kept
+    assert pm.main(_argv(tiny_model_dir, tmp_path, "run.stages=[teacher]", "run.budget_min=30")) == 2
+    err = capsys.readouterr().err
+    assert "sized to run.budget_min=600 with data.train.limit at most 6" in err and "run.budget_min=30" in err
+    assert (run / "teacher" / "manifest.json").is_file() and (run / "budget.json").is_file()
+    # a budget nothing fits in (the 3 minutes of start-up alone are over it): a clear error, nothing left behind
+    small = tmp_path / "small"
+    assert pm.main(_argv(tiny_model_dir, small, "run.stages=[teacher]", "run.budget_min=1")) == 2
+    assert "run.budget_min=1: no training data fits it on this machine" in capsys.readouterr().err
+    assert not (small / "r").exists()
+    # a budget without a cap to size down from is refused when the config loads
+    assert pm.main(_argv(tiny_model_dir, small, "run.budget_min=60", "data.train.limit=0")) == 2
+    assert "set data.train.limit to the most prompts the run may take" in capsys.readouterr().err
