@@ -498,7 +498,7 @@ def limit_for(cfg: Config, tokenizer, n: int) -> int:
     from data.prompts import load_prompt_set
     from pipeline.teacher import training_prompts
 
-    kept, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses)
+    kept, _ = training_prompts(cfg.data, tokenizer, cfg.teacher.responses, quiet=True)  # the estimate said it
     loaded, _ = load_prompt_set(cfg.data.train, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
     if not 0 < n <= len(kept):
         raise ValueError(f"limit_for: {n} of {len(kept)} training prompts")

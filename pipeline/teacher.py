@@ -149,10 +149,12 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed_keys(old, new, ("recipe_hash",))]
 
 
-def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate") -> tuple[list, dict]:
+def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate",
+                     quiet: bool = False) -> tuple[list, dict]:
     """The training prompts and their accounting; prompts whose last user turn is also an eval prompt's
     (case and whitespace aside) are removed and counted as `overlaps_eval`: checked, not assumed. With
-    responses="corpus", prompts the corpus has no usable reply for are removed and counted as `no_reply`."""
+    responses="corpus", prompts the corpus has no usable reply for are removed and counted as `no_reply`.
+    `quiet`: no line about the removals (a caller that loads them again after saying so once)."""
     from data.corpora import normalize
     from data.prompts import load_prompt_set
 
@@ -162,7 +164,7 @@ def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate
     eval_prompts, _ = load_prompt_set(data_cfg.eval, tokenizer, 1 << 62, data_cfg.chat_template)
     eval_texts = {normalize(p.user_text) for p in eval_prompts if p.user_text.strip()}
     kept = [p for p in prompts if normalize(p.user_text) not in eval_texts]
-    if len(kept) < len(prompts):
+    if len(kept) < len(prompts) and not quiet:
         print(f"teacher: {len(prompts) - len(kept)} training prompt(s) are also eval prompts; removed")
     overlapping, no_reply = len(prompts) - len(kept), 0
     if responses == "corpus":
@@ -171,7 +173,7 @@ def training_prompts(data_cfg: DataConfig, tokenizer, responses: str = "generate
                              f"{data_cfg.train.path!r} has none: use teacher.responses=generate")
         with_reply = [p for p in kept if p.reply_ids]
         no_reply = len(kept) - len(with_reply)
-        if no_reply:
+        if no_reply and not quiet:
             print(f"teacher: {no_reply} training prompt(s) have no reply in the corpus; removed")
         kept = with_reply
     if not kept:
