@@ -1,7 +1,8 @@
 """How long a run's stages will take on this machine, timed before anything runs.
 
-    python -m pipeline.main recipe=smollm2 --dry-run --estimate                 # minutes per stage
-    python -m pipeline.main recipe=smollm2 --dry-run --estimate --budget-min 60 # and what fits an hour
+    python -m pipeline.main recipe=smollm2 --estimate                  # minutes per stage; the recipe's
+                                                                       # run.budget_min: the data it would take
+    python -m pipeline.main recipe=tiny --estimate --budget-min 60     # whether a run fits an hour
 
 The recipes are sized for one CPU, and the same recipe took 51 minutes on one 2-core machine of this
 repo's pool and would take well over an hour on another (README: "What it reaches"). So the dry run can
@@ -33,6 +34,11 @@ checkpoints, the eval's kernel and beam-length timing and its profile) is a fixe
 beside the timed stages on a 2-core CPU. A stage the plan
 reuses costs nothing. The figures are what this machine measures now: on a busy machine they
 are slower than a quiet run would be.
+
+run.budget_min (`choose_budget_limit`, called by pipeline/main.py when a fresh teacher stage starts, and by
+--estimate): the same timings, with each scaling stage's `cost` of the first n training prompts, searched for
+the most prompts up to data.train.limit whose run fits BUDGET_AIM of the budget (`fitting_count`); that count
+maps back to a data.train.limit through the loader's order (`limit_for`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python -m pipeline.main recipe=tiny                         # laptop / CI: local Ray, CPU, W&B offline
     python -m pipeline.main recipe=tiny --print-config          # resolved config, then exit
     python -m pipeline.main recipe=tiny --dry-run               # validate everything, show the plan, do nothing
-    python -m pipeline.main recipe=smollm2 --estimate --budget-min 60   # the dry run, plus minutes per stage timed here
+    python -m pipeline.main recipe=smollm2 --estimate   # the dry run, plus minutes per stage timed here
     python -m pipeline.main recipe=llama70b --plan              # GPUs, memory, data size, hours from config.json
     python -m pipeline.main recipe=tiny train.epochs=1 eval.num_prompts=8   # dotted overrides
     ray job submit -- python -m pipeline.main recipe=llama70b   # on a cluster
