@@ -109,12 +109,15 @@ def budget_on_record(cfg: Config, run: RunLayout) -> int | None:
     if not run.budget.is_file():
         return None
     record = json.loads(run.budget.read_text())
+    if not cfg.run.budget_min and cfg.data.train.limit == record["limit"]:
+        return None  # the chosen limit named outright: the config is already what the run used
     if not cfg.run.budget_min or (record["budget_min"], record["most"]) != (cfg.run.budget_min,
                                                                           cfg.data.train.limit):
         raise ValueError(f"{run.budget}: this run's training data was sized to run.budget_min={record['budget_min']:g} "
                          f"with data.train.limit at most {record['most']} (it chose {record['limit']}), and this "
                          f"command says run.budget_min={cfg.run.budget_min:g} and data.train.limit="
-                         f"{cfg.data.train.limit}: use those values to go on with this run, or a new run.name")
+                         f"{cfg.data.train.limit}: use those values (or run.budget_min=0 data.train.limit="
+                         f"{record['limit']}) to go on with this run, or a new run.name")
     print(f"budget: data.train.limit={record['limit']}, as chosen for run.budget_min={record['budget_min']:g} when "
           f"this run started ({run.budget})", flush=True)
     return int(record["limit"])

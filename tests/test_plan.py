@@ -406,6 +406,10 @@ def test_a_budgeted_run_records_its_choice_resumes_with_it_and_refuses_another_b
     err = capsys.readouterr().err
     assert "sized to run.budget_min=600 with data.train.limit at most 6" in err and "run.budget_min=30" in err
     assert (run / "teacher" / "manifest.json").is_file() and (run / "budget.json").is_file()
+    # the chosen limit named outright, without a budget, goes on with the same run
+    assert pm.main(_argv(tiny_model_dir, tmp_path, "run.stages=[teacher]", "run.budget_min=0",
+                         f"data.train.limit={record['limit']}", "--dry-run")) == 0
+    assert "stage teacher: reused" in capsys.readouterr().out
     # a budget nothing fits in (the 3 minutes of start-up alone are over it): a clear error, nothing left behind
     small = tmp_path / "small"
     assert pm.main(_argv(tiny_model_dir, small, "run.stages=[teacher]", "run.budget_min=1")) == 2
