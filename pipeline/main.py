@@ -490,7 +490,7 @@ def run_pipeline(cfg: Config, run_dir: Path, started: float | None = None) -> di
             if created:  # nothing of the run was written
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return _run_stages(cfg, RunLayout(run_dir), created)
+        return _run_stages(cfg, RunLayout(run_dir), created, started)
     finally:
         lock.close()
 
@@ -518,7 +518,7 @@ def _sized_to_budget(cfg: Config, run: RunLayout, tokenizer, eval_prompts, start
     return with_train_limit(cfg, choice.limit)
 
 
-def _run_stages(cfg: Config, run: RunLayout, created: bool) -> dict:
+def _run_stages(cfg: Config, run: RunLayout, created: bool, started: float) -> dict:
     from pipeline.plan import plan_stages, refusals
     from pipeline.tracking import open_run
 
@@ -543,6 +543,8 @@ def _run_stages(cfg: Config, run: RunLayout, created: bool) -> dict:
     times: dict[str, float] = {}
     status: dict[str, str] = {stage: "pending" for stage in cfg.run.stages}
     summary: dict = {"run_dir": str(run_dir), "stage_seconds": times, "stages": status}
+    if run.budget.is_file():  # the run's data was sized to run.budget_min: how this command did against it
+        summary["budget"] = json.loads(run.budget.read_text())
 
     def write_summary() -> None:  # after every stage and on failure: the run directory keeps the record
         try:
@@ -596,6 +598,8 @@ def _run_stages(cfg: Config, run: RunLayout, created: bool) -> dict:
                             if cfg.tracking.mode == "offline" else
                             f"group {cfg.run.name!r} in project {cfg.tracking.project!r}"
                             if cfg.tracking.mode == "online" else "disabled")
+        if "budget" in summary:
+            summary["budget"]["command_minutes"] = (time.perf_counter() - started) / 60
         write_summary()
         import ray
 
@@ -689,6 +693,10 @@ def print_summary(summary: dict) -> None:
     times = summary.get("stage_seconds", {})
     if times:
         print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    if "budget" in summary:
+        b = summary["budget"]
+        print(f"budget: run.budget_min={b['budget_min']:g} chose data.train.limit={b['limit']} ({b['prompts']} training "
+              f"prompts); this command took {b.get('command_minutes', 0):.1f} min")
     if "record" in summary:
         r, d = summary["record"], summary["decision"]
         print(f"tokens/step (tau): {r['tokens_per_step']:.2f}  "

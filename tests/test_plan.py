@@ -394,6 +394,10 @@ def test_a_budgeted_run_records_its_choice_resumes_with_it_and_refuses_another_b
         assert "budget: run.budget_min=600 chose data.train.limit=6 of at most 6" in out
         assert set(record["minutes"]) == {"teacher", "elapsed"}  # only the stages this run runs
         assert "limit: 6" in (run / "resolved_config.yaml").read_text()
+        # the summary says how the command did against the budget
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["budget"]["limit"] == 6 and 0 < summary["budget"]["command_minutes"] < 600
+        assert "budget: run.budget_min=600 chose data.train.limit=6 (6 training prompts); this command took" in out
         # the same command again: the choice on record, the teacher reused, nothing timed again
         assert pm.main(argv) == 0
         out = capsys.readouterr().out
