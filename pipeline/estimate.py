@@ -560,8 +560,9 @@ def choose_budget_limit(cfg: Config, tokenizer, estimates: list[StageEstimate], 
 STARTUP_S = 180.0
 
 
-def report(estimates: list[StageEstimate], prompts: int, budget_min: float | None) -> str:
-    lines = ["estimate on this machine (timed just now; docs: pipeline/estimate.py):"]
+def report(estimates: list[StageEstimate], prompts: int, budget_min: float | None, of: str = "") -> str:
+    """The estimate's lines; `of` says what the figures are for when that is not the run as configured."""
+    lines = [f"estimate on this machine (timed just now{'; ' + of if of else ''}; docs: pipeline/estimate.py):"]
     for e in estimates:
         lines.append(f"  {e.stage:<8}{e.seconds / 60:7.1f} min  {e.detail}")
     total = sum(e.seconds for e in estimates) + STARTUP_S

@@ -95,7 +95,9 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
             raise ValueError(problem)
         estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plans)
         # a run sized to run.budget_min: its choice below, not the report's straight-line limit
-        print(est.report(estimates, prompts, budget_min if sized else budget_min or cfg.run.budget_min or None))
+        print(est.report(estimates, prompts, budget_min if sized else budget_min or cfg.run.budget_min or None,
+                         of=f"for data.train.limit={cfg.data.train.limit}, the most run.budget_min may take; the "
+                            "data it would take is below" if sized else ""))
         if sized:
             print(est.choose_budget_limit(cfg, tokenizer, estimates, prompts, started).line(
                 "would choose (a run starting now)"))

@@ -384,6 +384,7 @@ def test_a_budgeted_run_records_its_choice_resumes_with_it_and_refuses_another_b
     assert pm.main([*argv, "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "run.budget_min=600 would choose (a run starting now) data.train.limit=6 of at most 6" in out, out
+    assert "for data.train.limit=6, the most run.budget_min may take" in out
     assert not (tmp_path / "r").exists()
     try:
         assert pm.main(argv) == 0
