@@ -126,15 +126,16 @@ def estimate_teacher(cfg: Config, tokenizer) -> tuple[StageEstimate, list, list[
         def padded(batch: list[dict]) -> int:
             return len(batch) * max(len(p["input_ids"]) + len(reply(p)) for p in batch)
 
-        def cost(n: int) -> float:
-            return sum(padded([sh[i] for i in batch]) for sh in shards_of(n) for batch in worker.batches(sh)) * (
-                seconds / padded(sample) / actors)
+        def all_padded(n: int) -> int:  # the padded tokens of every batch the actors run for the first n prompts
+            return sum(padded([sh[i] for i in batch]) for sh in shards_of(n) for batch in worker.batches(sh))
 
-        all_padded = sum(padded([sh[i] for i in batch]) for sh in shards for batch in worker.batches(sh))
+        def cost(n: int) -> float:
+            return all_padded(n) * seconds / padded(sample) / actors
+
         lengths = [len(reply(p)) + 1 for p in items]  # a record holds the reply and the position before it
         positions = sum(lengths)
         total = cost(len(items))
-        what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded:,} padded tokens"
+        what = f"{positions:,} positions ({len(items):,} prompts' replies), {all_padded(len(items)):,} padded tokens"
     else:
         points, records = _generation_timings(worker, shard)
 
@@ -324,14 +325,6 @@ def _time_training_worker(rank: int, world: int, port: int, cfg: Config, records
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def heldout_batches_per_worker(cfg: Config, num_sequences: int) -> int:
     """The held-out forwards every training worker runs at the end (pipeline/train.py evaluate: the most any
     worker has, the others pad)."""
@@ -351,6 +344,7 @@ def estimate_train(cfg: Config, records: list, lengths: list[int]) -> StageEstim
     import torch.multiprocessing as mp
 
     from pipeline.config import resolve_drafter
+    from pipeline.main import free_port
     from pipeline.train import load_embedding_table
 
     embed = load_embedding_table(cfg.model)
@@ -365,7 +359,7 @@ def estimate_train(cfg: Config, records: list, lengths: list[int]) -> StageEstim
     world = max(1, cfg.train.num_workers)
     context = mp.get_context("spawn")
     out = context.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_time_training_worker,
                              args=(rank, world, port, cfg, records, lengths, d2t, vocab_size, hidden_size, out))
              for rank in range(world)]

@@ -63,7 +63,7 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
     each stage would do with the outputs already in the run directory. 2 when a stage would be refused.
     `estimate`: then time the stages' work on this machine (pipeline/estimate.py) and print the minutes.
     `started`: time.perf_counter() when the command began (what run.budget_min would leave; default now)."""
-    from pipeline.plan import plan_stages, refusals
+    from pipeline.plan import refusals
 
     started = time.perf_counter() if started is None else started
     # the same checks as a real run (architecture, settings vs the model, contexts): raises
@@ -72,11 +72,7 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
     for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
         if prompts is not None:  # the eval prompts as drawn (eval.num_prompts)
             print(f"{split} prompts: {getattr(cfg.data, split).path} -> {len(prompts)} prompts - ok")
-    chosen = budget_on_record(cfg, RunLayout(run_dir))
-    sized = chosen is None and budget_applies(cfg, plan_stages(cfg, run_dir))
-    if chosen is not None:
-        cfg = with_train_limit(cfg, chosen)
-    plans = plan_stages(cfg, run_dir)
+    cfg, plans, sized = budget_state(cfg, RunLayout(run_dir))
     for plan in plans:
         print(plan.line())
     print(f"outputs: {run_dir}")
@@ -103,6 +99,18 @@ def dry_run(cfg: Config, run_dir: Path, estimate: bool = False, budget_min: floa
                 "would choose (a run starting now)"))
     print("dry run: nothing was run")
     return 0
+
+
+def budget_state(cfg: Config, run: RunLayout) -> tuple[Config, list, bool]:
+    """`cfg` with the data.train.limit run.budget_min chose for this run (if on record), its stage plans, and
+    whether the run is still to size its data (a budget, no choice on record, a fresh teacher stage)."""
+    from pipeline.plan import plan_stages
+
+    chosen = budget_on_record(cfg, run)
+    if chosen is not None:
+        cfg = with_train_limit(cfg, chosen)
+    plans = plan_stages(cfg, run.root)
+    return cfg, plans, chosen is None and budget_applies(cfg, plans)
 
 
 def budget_on_record(cfg: Config, run: RunLayout) -> int | None:
@@ -499,12 +507,8 @@ def run_pipeline(cfg: Config, run_dir: Path, started: float | None = None) -> di
 
 def _sized_to_budget(cfg: Config, run: RunLayout, tokenizer, eval_prompts, started: float) -> Config:
     """`cfg` with the data.train.limit run.budget_min chose, on record or chosen now (written to budget.json)."""
-    from pipeline.plan import plan_stages
-
-    chosen = budget_on_record(cfg, run)
-    if chosen is not None:
-        return with_train_limit(cfg, chosen)
-    if not budget_applies(cfg, plan_stages(cfg, run.root)):
+    cfg, plans, sized = budget_state(cfg, run)
+    if not sized:
         return cfg
     from pipeline import estimate as est
 
@@ -513,7 +517,7 @@ def _sized_to_budget(cfg: Config, run: RunLayout, tokenizer, eval_prompts, start
         raise ValueError(f"run.budget_min: {problem}")
     print(f"budget: timing this machine to size data.train.limit (at most {cfg.data.train.limit}) to run.budget_min="
           f"{cfg.run.budget_min:g}", flush=True)
-    estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plan_stages(cfg, run.root))
+    estimates, prompts = est.estimate_run(cfg, tokenizer, eval_prompts, plans)
     choice = est.choose_budget_limit(cfg, tokenizer, estimates, prompts, started)
     atomic.write_json(run.budget, dataclasses.asdict(choice))
     print(choice.line(), flush=True)
